@@ -1,0 +1,193 @@
+"""What the four step scripts share.
+
+The training objects (a learnable synthetic dataset, the model, the optimizer and the loss),
+plus the small careful pieces every step needs the same way: choosing a device, checking
+arguments, and writing and reading snapshot files safely. The step scripts keep the
+distributed logic itself, so that `diff -u` between two steps shows only the new idea.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any, NoReturn
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IN_FEATURES = 20
+SNAPSHOT_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE", "EPOCHS_RUN")
+
+
+class MyTrainDataset(Dataset):
+    """Synthetic regression data that a linear model can really learn.
+
+    Targets are a fixed linear function of the inputs plus small noise, all drawn from a
+    fixed seed: every rank builds identical data, so `DistributedSampler` can shard it
+    by index. The data is kept as two tensors; an item is a pair of views into them.
+    """
+
+    def __init__(self, size: int, noise: float = 0.01, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(size, IN_FEATURES, generator=generator)
+        true_weight = torch.randn(IN_FEATURES, 1, generator=generator)
+        true_bias = torch.randn(1, generator=generator)
+        noise_term = noise * torch.randn(size, 1, generator=generator)
+        self.targets = self.inputs @ true_weight + true_bias + noise_term
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def load_train_objs() -> tuple[MyTrainDataset, torch.nn.Module, torch.optim.Optimizer]:
+    """The dataset, model and optimizer. Seeded, so every run starts from the same weights."""
+    torch.manual_seed(0)
+    train_set = MyTrainDataset(2048)
+    model = torch.nn.Linear(IN_FEATURES, 1)
+    # Momentum gives the optimizer real state: a resume that lost it would train differently.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    return train_set, model, optimizer
+
+
+def loss_fn(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error: the model has one output, so this is a regression."""
+    return F.mse_loss(output, targets)
+
+
+# ---------------------------------------------------------------- command line and errors
+
+
+def is_rank_zero() -> bool:
+    """True in the process that speaks for the job (always true outside torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail(message: str) -> NoReturn:
+    """Exit with a one-line error on stderr, printed once per job (by rank 0).
+
+    Raising SystemExit (rather than calling os._exit) lets `finally` blocks run, so the
+    process group is still destroyed on this path.
+    """
+    if is_rank_zero():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, once per job, and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        if is_rank_zero():
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number greater than zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def resolve_device(choice: str, allow_mps: bool = False) -> str:
+    """Turn --device {auto,cuda,mps,cpu} into a device type this machine really has.
+
+    auto: CUDA when a GPU is visible, else Apple's MPS where `allow_mps` (step 1 only:
+    DDP has no MPS backend), else CPU.
+    """
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if allow_mps and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
+    if choice == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps was asked for, but MPS is not available; use --device cpu")
+    return choice
+
+
+def check_writable_folder(path: str) -> None:
+    """Fail now, before any training, if `path` could not be written later."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        fail(f"cannot save {path}: folder {folder} does not exist; create it or choose another path")
+    try:  # a real write: os.access says yes to root even on a read-only file system
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        fail(f"cannot save {path}: folder {folder} is not writable ({err.strerror}); choose another path")
+
+
+# ---------------------------------------------------------------- snapshot files
+
+
+class SnapshotError(Exception):
+    """A snapshot file that cannot be used; the message says which file and what to do."""
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save `obj` to `path` so that a crash at any moment leaves the old file or the new one.
+
+    Write a temporary file in the same folder (same file system, so the rename is atomic),
+    flush it to disk, then rename it over the old file and sync the folder entry.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp_file:
+            torch.save(obj, tmp_file)
+            tmp_file.flush()
+            os.fsync(tmp_file.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:  # also on SIGTERM (SystemExit): never leave a half-written temp file
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_snapshot(path: str, map_location: str | torch.device) -> dict[str, Any]:
+    """Load a snapshot written by `atomic_save`, refusing anything else.
+
+    `weights_only=True` unpickles tensors and plain containers only: a planted pickle that
+    would run code on load is rejected instead of executed.
+    """
+    fix = f"move {path} away (or pass another --snapshot_path) to start from scratch"
+    try:
+        snapshot = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # corrupt, truncated, not a torch file, or an unsafe pickle
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SnapshotError(f"{path} is not a readable snapshot ({reason[:160]}); {fix}") from None
+    if not isinstance(snapshot, dict) or not all(key in snapshot for key in SNAPSHOT_KEYS):
+        raise SnapshotError(f"{path} is not a snapshot of this tutorial (expected keys {', '.join(SNAPSHOT_KEYS)}); {fix}")
+    return snapshot
+
+
+def restore_snapshot(snapshot: dict[str, Any], path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Copy a snapshot's states into `model` and `optimizer`; return the number of epochs it had run."""
+    try:
+        model.load_state_dict(snapshot["MODEL_STATE"])
+        optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise SnapshotError(
+            f"{path} was saved from a different model or optimizer ({reason[:160]}); "
+            f"move it away (or pass another --snapshot_path) to start from scratch"
+        ) from None
+    return int(snapshot["EPOCHS_RUN"])

@@ -1,0 +1,173 @@
+"""Step 3: launched by torchrun, with snapshots and fault tolerance.
+
+    torchrun --standalone --nproc_per_node=gpu multigpu_torchrun.py 50 10
+    torchrun --standalone --nproc_per_node=2 multigpu_torchrun.py 50 10      # on CPU
+
+New in this step: torchrun starts the processes and tells each its rank through environment
+variables, so the script no longer spawns anything. A snapshot (model, optimizer, epochs run)
+is saved atomically every `save_every` epochs; when torchrun restarts failed workers
+(`--max-restarts`), they resume from it exactly where it left off.
+"""
+
+import gc
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+import datautils
+from datautils import load_train_objs, loss_fn
+
+
+def ddp_setup(device: str) -> None:
+    """Join the process group; torchrun has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT."""
+    if device == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            datautils.fail(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)  # before init, so NCCL and this process use this GPU only
+    init_process_group(backend="nccl" if device == "cuda" else "gloo")
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_data: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        device: str,
+        save_every: int,
+        snapshot_path: str,
+    ) -> None:
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.device = f"cuda:{self.local_rank}" if device == "cuda" else device
+        self.model = model.to(self.device)
+        self.train_data = train_data
+        self.optimizer = optimizer
+        self.save_every = save_every
+        self.snapshot_path = snapshot_path
+        self.epochs_run = 0
+        if os.path.exists(snapshot_path):
+            self._load_snapshot(snapshot_path)
+        self.model = DDP(self.model, device_ids=[self.local_rank] if device == "cuda" else None)
+
+    def _load_snapshot(self, snapshot_path: str) -> None:
+        # All ranks run on this one machine, so each reads the same file.
+        snapshot = datautils.read_snapshot(snapshot_path, map_location=self.device)
+        self.epochs_run = datautils.restore_snapshot(snapshot, snapshot_path, self.model, self.optimizer)
+        if self.local_rank == 0:
+            print(f"Resuming from {snapshot_path}: {self.epochs_run} epochs done", flush=True)
+
+    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        output = self.model(source)
+        loss = loss_fn(output, targets)
+        loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with backward
+        self.optimizer.step()
+        return loss.detach()
+
+    def _run_epoch(self, epoch: int, max_epochs: int) -> None:
+        start = time.perf_counter()
+        self.train_data.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        loss_sum = torch.zeros((), device=self.device)  # stays on the device: no host sync per step
+        samples = 0
+        for source, targets in self.train_data:
+            source = source.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            loss_sum += self._run_batch(source, targets) * len(source)
+            samples += len(source)
+        # One all-reduce per epoch turns each rank's sums into the mean loss over all ranks.
+        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device)])
+        dist.all_reduce(totals)
+        mean_loss = (totals[0] / totals[1]).item()
+        if self.local_rank == 0:
+            print(
+                f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | steps {len(self.train_data)} | "
+                f"batch {self.train_data.batch_size} x {dist.get_world_size()} ranks | loss {mean_loss:.6f} | "
+                f"{time.perf_counter() - start:.2f}s",
+                flush=True,
+            )
+
+    def _save_snapshot(self, epoch: int) -> None:
+        snapshot = {
+            "MODEL_STATE": self.model.module.state_dict(),
+            "OPTIMIZER_STATE": self.optimizer.state_dict(),
+            "EPOCHS_RUN": epoch + 1,  # epochs completed: a resume starts at this epoch index
+        }
+        datautils.atomic_save(snapshot, self.snapshot_path)
+        print(f"Epoch {epoch + 1} | snapshot saved at {self.snapshot_path}", flush=True)
+
+    def train(self, max_epochs: int) -> None:
+        if self.epochs_run >= max_epochs and self.local_rank == 0:
+            print(f"Nothing to train: the snapshot has {self.epochs_run} of {max_epochs} epochs done", flush=True)
+        for epoch in range(self.epochs_run, max_epochs):
+            self._run_epoch(epoch, max_epochs)
+            # Every rank holds the same weights; rank 0 alone writes them.
+            if self.local_rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
+                self._save_snapshot(epoch)
+
+
+def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        pin_memory=torch.cuda.is_available(),
+        shuffle=False,  # the sampler shuffles
+        sampler=DistributedSampler(dataset),
+    )
+
+
+def main(device: str, total_epochs: int, save_every: int, batch_size: int, snapshot_path: str) -> None:
+    # torchrun and Slurm stop workers with SIGTERM. As SystemExit it unwinds through `finally`:
+    # the process group is destroyed, and a snapshot being written is finished or discarded whole.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    ddp_setup(device)
+    trainer = None
+    try:
+        train_set, model, optimizer = load_train_objs()
+        train_data = prepare_dataloader(train_set, batch_size)
+        trainer = Trainer(model, train_data, optimizer, device, save_every, snapshot_path)
+        trainer.train(total_epochs)
+    except datautils.SnapshotError as err:
+        datautils.fail(str(err))
+    finally:
+        # Drop DDP before the process group it uses, or the process may abort at exit.
+        del trainer
+        gc.collect()
+        destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = datautils.ArgumentParser(description="Step 3: DDP launched by torchrun, with snapshots for fault tolerance.")
+    parser.add_argument("total_epochs", type=datautils.positive_int, help="how many epochs to train")
+    parser.add_argument("save_every", type=datautils.positive_int, help="save a snapshot every this many epochs (and after the last)")
+    parser.add_argument("--batch_size", default=32, type=datautils.positive_int, help="input batch size on each process (default: 32)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cuda", "cpu"],
+        help="where to train; auto picks CUDA when a GPU is visible, else CPU (default: auto)",
+    )
+    parser.add_argument(
+        "--snapshot_path",
+        default="snapshot.pt",
+        help="snapshot file to resume from and save to; its folder must exist (default: snapshot.pt)",
+    )
+    args = parser.parse_args()
+
+    if "LOCAL_RANK" not in os.environ:
+        datautils.fail(
+            "this step is launched by torchrun, not python: "
+            "torchrun --standalone --nproc_per_node=gpu multigpu_torchrun.py 50 10 "
+            "(on a machine without GPUs: --nproc_per_node=2)"
+        )
+    device = datautils.resolve_device(args.device)
+    datautils.check_writable_folder(args.snapshot_path)
+    main(device, args.total_epochs, args.save_every, args.batch_size, args.snapshot_path)
