@@ -9,7 +9,9 @@ distributed logic itself, so that `diff -u` between two steps shows only the new
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import pickle
 import sys
 import tempfile
 from typing import Any, NoReturn
@@ -141,10 +143,15 @@ def atomic_save(obj: Any, path: str) -> None:
     """torch.save `obj` to `path` so that a crash at any moment leaves the old file or the new one.
 
     Write a temporary file in the same folder (same file system, so the rename is atomic),
-    flush it to disk, then rename it over the old file and sync the folder entry.
+    flush it to disk, then rename it over the old file and sync the folder entry. One process
+    writes each path, so temporary files of this path are leftovers of a writer that was killed
+    mid-save, and are removed first.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    prefix = os.path.basename(path) + "."
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
+        os.remove(stale)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp_file:
             torch.save(obj, tmp_file)
@@ -171,12 +178,24 @@ def read_snapshot(path: str, map_location: str | torch.device) -> dict[str, Any]
     fix = f"move {path} away (or pass another --snapshot_path) to start from scratch"
     try:
         snapshot = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt, truncated, not a torch file, or an unsafe pickle
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SnapshotError(f"{path} is not a readable snapshot ({reason[:160]}); {fix}") from None
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # the pickle names a function or class to call: refused
+            raise SnapshotError(
+                f"{path} holds Python objects other than tensors, which could run code when loaded, "
+                f"so it was not loaded; {fix}"
+            ) from None
+        raise SnapshotError(f"{path} is not a readable snapshot (damaged, or not written by torch.save); {fix}") from None
+    except Exception as err:  # corrupt, truncated or not a torch file at all
+        raise SnapshotError(f"{path} is not a readable snapshot ({brief(err)}); {fix}") from None
     if not isinstance(snapshot, dict) or not all(key in snapshot for key in SNAPSHOT_KEYS):
         raise SnapshotError(f"{path} is not a snapshot of this tutorial (expected keys {', '.join(SNAPSHOT_KEYS)}); {fix}")
     return snapshot
+
+
+def brief(err: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, short enough for a one-line error."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def restore_snapshot(snapshot: dict[str, Any], path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -185,9 +204,8 @@ def restore_snapshot(snapshot: dict[str, Any], path: str, model: torch.nn.Module
         model.load_state_dict(snapshot["MODEL_STATE"])
         optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0]
         raise SnapshotError(
-            f"{path} was saved from a different model or optimizer ({reason[:160]}); "
-            f"move it away (or pass another --snapshot_path) to start from scratch"
+            f"{path} was saved from a different model or optimizer ({brief(err)}); "
+            f"move {path} away (or pass another --snapshot_path) to start from scratch"
         ) from None
     return int(snapshot["EPOCHS_RUN"])

@@ -1,0 +1,197 @@
+"""Helpers for tests that run the real scripts: real processes, real torchrun, real files.
+
+Nothing here mocks torch.distributed. Every process a test starts gets a timeout, runs in
+its own process session, and is killed with that whole session when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+EPOCH_LINE = re.compile(r"Epoch (\d+)/(\d+) \| steps (\d+) \| batch (\d+).*\| loss ([0-9.]+)")
+
+
+def script_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # one thread per rank: 2 ranks share this machine's 2 cores fairly
+    # torchrun's shared rendezvous store makes restarted workers hang or fail on loopback
+    # (pytorch/pytorch#135712); the README asks users to set this too for --max-restarts.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
+
+
+def python_cmd(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / script), *args]
+
+
+def torchrun_cmd(script: str, *args: str, nproc: int = 2, max_restarts: int = 0) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", str(REPO / script), *args,
+    ]  # fmt: skip
+
+
+def multinode_cmd(port: int, rdzv_id: str, *args: str, max_restarts: int = 3) -> list[str]:
+    """One node's torchrun agent of a two-node job (one process per node) meeting at 127.0.0.1."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        f"--max-restarts={max_restarts}", f"--rdzv_id={rdzv_id}", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}", str(REPO / "multinode.py"), *args,
+    ]  # fmt: skip
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run to completion; stdout and stderr are kept apart."""
+    return subprocess.run(cmd, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def epochs(output: str) -> list[tuple[int, float]]:
+    """(epoch number, mean loss) for every epoch line, in order."""
+    return [(int(m.group(1)), float(m.group(5))) for m in EPOCH_LINE.finditer(output)]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of a process session."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+class Job:
+    """A command running in the background, its output going to a log file."""
+
+    def __init__(self, cmd: list[str], cwd: Path, name: str = "job"):
+        self.log_path = cwd / f"{name}.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=cwd, env=script_env(), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not seen (exit {self.proc.poll()}); output:\n{self.output()[-4000:]}")
+
+    def worker(self, local_rank: int) -> int:
+        """PID of the torchrun worker with this LOCAL_RANK (a child of the agent)."""
+        for pid in children(self.proc.pid):
+            try:
+                if process_env(pid).get("LOCAL_RANK") == str(local_rank):
+                    return pid
+            except OSError:
+                continue
+        raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under {self.proc.pid}")
+
+    def wait(self, timeout: float = 180) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if session_members(self.proc.pid):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def jobs():
+    """Start background jobs with `jobs(cmd, cwd, name)`; every one is killed after the test."""
+    started: list[Job] = []
+
+    def start(cmd: list[str], cwd: Path, name: str = "job") -> Job:
+        started.append(Job(cmd, cwd, name))
+        return started[-1]
+
+    yield start
+    for job in started:
+        job.stop()
+
+
+def snapshot_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a snapshot's model and optimizer states, flattened by name."""
+    snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    tensors = {f"model.{k}": v for k, v in snapshot["MODEL_STATE"].items()}
+    for index, state in snapshot["OPTIMIZER_STATE"]["state"].items():
+        tensors.update({f"optim.{index}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return tensors
+
+
+def assert_bit_identical(path_a: Path, path_b: Path) -> None:
+    a, b = snapshot_tensors(path_a), snapshot_tensors(path_b)
+    assert a.keys() == b.keys()
+    assert any(k.startswith("optim.") for k in a), "the optimizer state has no momentum buffers"
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs between {path_a} and {path_b}"
+
+
+def no_traceback_from(script: str, output: str) -> bool:
+    """True unless our script raised: torchrun prints its own summary, but never our frames."""
+    return f'{script}", line' not in output and "terminate called" not in output
+
+
+# The run every fault-tolerance test must reproduce bit for bit, however it was interrupted.
+RESUME_ARGS = ("60", "10")
+
+
+@pytest.fixture(scope="session")
+def reference_snapshot(tmp_path_factory) -> Path:
+    """Final snapshot of an uninterrupted 2-rank `multigpu_torchrun.py 60 10` run."""
+    folder = tmp_path_factory.mktemp("reference")
+    result = run(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS), folder)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [n for n, _ in epochs(result.stdout)] == list(range(1, 61))
+    return folder / "snapshot.pt"

@@ -1,0 +1,125 @@
+"""Bad input gets one clear line, a non-zero exit, no traceback, and leaves files alone."""
+
+import hashlib
+import io
+import os
+
+import pytest
+import torch
+
+import datautils
+from conftest import epochs, no_traceback_from, python_cmd, run, torchrun_cmd
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "script, args, says",
+    [
+        ("single_gpu.py", ["0", "10"], "total_epochs: must be greater than 0"),
+        ("single_gpu.py", ["10", "-1"], "save_every: must be greater than 0"),
+        ("single_gpu.py", ["ten", "10"], "expected a whole number, got 'ten'"),
+        ("single_gpu.py", ["10", "10", "--batch_size", "0"], "--batch_size: must be greater than 0"),
+        ("single_gpu.py", ["10"], "the following arguments are required: save_every"),
+        ("single_gpu.py", ["5", "5", "--device", "tpu"], "invalid choice: 'tpu'"),
+        ("multigpu.py", ["5", "5", "--world_size", "0"], "--world_size: must be greater than 0"),
+        ("multigpu.py", ["5", "5", "--batch_size", "x"], "expected a whole number, got 'x'"),
+        ("multigpu_torchrun.py", ["5", "5"], "torchrun --standalone --nproc_per_node=gpu multigpu_torchrun.py 50 10"),
+        ("multinode.py", ["5", "5"], "torchrun --nnodes=2 --nproc_per_node=gpu"),
+        pytest.param("multigpu.py", ["5", "5", "--device", "cuda"], "no CUDA GPU is visible", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is present")),
+    ],
+)
+def test_bad_arguments_get_one_line(tmp_path, script, args, says):
+    result = run(python_cmd(script, *args), tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == [], "nothing may be written"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["0", "5"], "total_epochs: must be greater than 0"),
+        (["5", "5", "--snapshot_path", "no/such/folder/snapshot.pt"], "does not exist"),
+        (["5", "5", "--snapshot_path", "/sys/snapshot.pt"], "is not writable"),
+    ],
+)
+@pytest.mark.parametrize("script", ["multigpu_torchrun.py", "multinode.py"])
+def test_bad_arguments_under_torchrun_are_reported_once(tmp_path, script, args, says):
+    result = run(torchrun_cmd(script, *args), tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count(says) == 1, output[-3000:]  # from rank 0 only
+    assert no_traceback_from(script, output)
+
+
+def real_snapshot_bytes(model: torch.nn.Module | None = None) -> bytes:
+    _, default_model, optimizer = datautils.load_train_objs()
+    model = model or default_model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, model.in_features)).sum().backward()
+    optimizer.step()
+    buffer = io.BytesIO()
+    torch.save({"MODEL_STATE": model.state_dict(), "OPTIMIZER_STATE": optimizer.state_dict(), "EPOCHS_RUN": 3}, buffer)
+    return buffer.getvalue()
+
+
+class RunsCode:
+    """A pickle that would create a file when loaded by an unsafe torch.load."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def planted_file(kind: str, folder) -> bytes:
+    if kind == "corrupt":
+        return os.urandom(4096)
+    if kind == "truncated":
+        data = real_snapshot_bytes()
+        return data[: len(data) // 2]
+    if kind == "not a snapshot":
+        buffer = io.BytesIO()
+        torch.save({"weights": torch.ones(3)}, buffer)
+        return buffer.getvalue()
+    if kind == "different model":
+        return real_snapshot_bytes(torch.nn.Linear(5, 1))
+    buffer = io.BytesIO()  # malicious
+    torch.save({"MODEL_STATE": RunsCode(str(folder / "CODE_RAN")), "OPTIMIZER_STATE": {}, "EPOCHS_RUN": 1}, buffer)
+    return buffer.getvalue()
+
+
+SNAPSHOT_CASES = {
+    "corrupt": "is not a readable snapshot",
+    "truncated": "is not a readable snapshot",
+    "not a snapshot": "is not a snapshot of this tutorial",
+    "different model": "was saved from a different model",
+    "malicious": "could run code when loaded, so it was not loaded",
+}
+
+
+@pytest.mark.parametrize(
+    "script, kind",
+    [("multinode.py", kind) for kind in SNAPSHOT_CASES]
+    + [("multigpu_torchrun.py", "truncated"), ("multigpu_torchrun.py", "malicious")],
+)
+def test_unusable_snapshot_is_refused_and_left_untouched(tmp_path, script, kind):
+    path = tmp_path / "snapshot.pt"
+    path.write_bytes(planted_file(kind, tmp_path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    result = run(torchrun_cmd(script, "3", "1"), tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    error_lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, output[-3000:]
+    assert "snapshot.pt" in error_lines[0] and SNAPSHOT_CASES[kind] in error_lines[0]
+    assert "move snapshot.pt away" in error_lines[0]  # and what to do about it
+    assert no_traceback_from(script, output)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, "the snapshot was modified"
+    assert not (tmp_path / "CODE_RAN").exists(), "loading the snapshot ran code"
+    assert epochs(output) == []
+

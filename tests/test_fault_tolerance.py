@@ -1,0 +1,96 @@
+"""Real kills of real workers: every interrupted run must end bit-identical to an uninterrupted one."""
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+import datautils
+from conftest import (
+    RESUME_ARGS,
+    assert_bit_identical,
+    epochs,
+    free_port,
+    multinode_cmd,
+    no_traceback_from,
+    run,
+    session_members,
+    torchrun_cmd,
+)
+
+
+def resumed_epochs(output: str) -> int:
+    """Epochs done in the snapshot the job resumed from; checks nothing was repeated or skipped after it."""
+    marker = "Resuming from snapshot.pt: "
+    assert marker in output, output[-3000:]
+    done = int(output.split(marker)[-1].split()[0])
+    assert done % 10 == 0 and done >= 20, f"resumed from epoch {done}, not a snapshot saved every 10 epochs"
+    after_resume = [n for n, _ in epochs(output.split(marker)[-1])]
+    assert after_resume == list(range(done + 1, 61)), after_resume
+    return done
+
+
+def test_sigkilled_worker_is_restarted_and_ends_bit_identical(tmp_path, jobs, reference_snapshot):
+    job = jobs(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS, max_restarts=3), tmp_path)
+    job.wait_for(r"Epoch 25/60")
+    os.kill(job.worker(local_rank=1), signal.SIGKILL)
+    assert job.wait() == 0, job.output()[-3000:]
+    resumed_epochs(job.output())
+    assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
+
+
+def test_sigterm_ends_a_worker_cleanly_and_keeps_the_snapshot(tmp_path, jobs, reference_snapshot):
+    job = jobs(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS), tmp_path)
+    job.wait_for(r"Epoch 25/60")
+    os.kill(job.worker(local_rank=1), signal.SIGTERM)
+    assert job.wait(timeout=60) != 0
+    output = job.output()
+    # The worker left through SystemExit(128 + SIGTERM): its `finally` destroyed the process group.
+    assert "exitcode  : 143" in output, output[-3000:]
+    assert no_traceback_from("multigpu_torchrun.py", output)
+    snapshot = datautils.read_snapshot(str(tmp_path / "snapshot.pt"), "cpu")  # intact and loadable
+    assert snapshot["EPOCHS_RUN"] % 10 == 0 and snapshot["EPOCHS_RUN"] >= 20
+    # The same command again resumes from it and ends where an uninterrupted run ends.
+    again = run(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert resumed_epochs(again.stdout) == snapshot["EPOCHS_RUN"]
+    assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
+
+
+def test_sigterm_to_torchrun_stops_the_whole_job_promptly(tmp_path, jobs):
+    job = jobs(torchrun_cmd("multigpu_torchrun.py", "100000", "10"), tmp_path)
+    job.wait_for(r"Epoch 15/100000")
+    start = time.monotonic()
+    job.proc.send_signal(signal.SIGTERM)
+    job.wait(timeout=60)
+    # torchrun forwards SIGTERM and only SIGKILLs what is still alive after 30 s.
+    assert time.monotonic() - start < 15
+    assert session_members(job.proc.pid) == [], "worker processes outlived the job"
+    assert no_traceback_from("multigpu_torchrun.py", job.output())
+    assert datautils.read_snapshot(str(tmp_path / "snapshot.pt"), "cpu")["EPOCHS_RUN"] >= 10
+
+
+def test_multinode_without_shared_files_recovers_from_a_killed_worker(tmp_path, jobs, reference_snapshot):
+    port, rdzv_id = free_port(), uuid.uuid4().hex[:8]
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    nodes = []
+    for folder in folders:
+        folder.mkdir()
+        nodes.append(jobs(multinode_cmd(port, rdzv_id, *RESUME_ARGS), folder, name="agent"))
+    # Global rank 0 prints and saves, in its own node's folder only.
+    deadline = time.monotonic() + 120
+    while not any((f / "snapshot.pt").exists() for f in folders):
+        assert time.monotonic() < deadline and all(n.proc.poll() is None for n in nodes), nodes[0].output()
+        time.sleep(0.05)
+    head = 0 if (folders[0] / "snapshot.pt").exists() else 1
+    other = 1 - head
+    nodes[head].wait_for(r"Epoch 25/60")
+    os.kill(nodes[other].worker(local_rank=0), signal.SIGKILL)
+    for node in nodes:
+        assert node.wait() == 0, node.output()[-3000:]
+    resumed_epochs(nodes[head].output())
+    assert not (folders[other] / "snapshot.pt").exists(), "the second node must not need the snapshot"
+    # Two nodes of one process each train exactly as two processes on one node.
+    assert_bit_identical(folders[head] / "snapshot.pt", reference_snapshot)

@@ -1,0 +1,85 @@
+"""Each step runs end to end on CPU, really learns, and saves what it says it saves."""
+
+import threading
+
+import torch
+
+from conftest import epochs, python_cmd, run, torchrun_cmd
+
+import datautils
+
+
+def assert_learns(output: str, total_epochs: int) -> None:
+    losses = epochs(output)
+    assert [n for n, _ in losses] == list(range(1, total_epochs + 1)), output[-2000:]
+    first, last = losses[0][1], losses[-1][1]
+    assert last < 0.1 * first, f"loss fell only from {first} to {last}"
+
+
+def test_dataset_is_learnable_and_identical_on_every_rank():
+    a, b = datautils.MyTrainDataset(256), datautils.MyTrainDataset(256)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    # The best linear fit explains the targets down to the noise: the task is learnable.
+    design = torch.cat([a.inputs, torch.ones(256, 1)], dim=1)
+    solution = torch.linalg.lstsq(design, a.targets).solution
+    residual = (design @ solution - a.targets).pow(2).mean()
+    assert residual < 1e-3 < a.targets.var()
+
+
+def test_single_gpu_learns_and_saves_a_checkpoint(tmp_path):
+    result = run(python_cmd("single_gpu.py", "50", "10"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_learns(result.stdout, 50)
+    assert "steps 64 | batch 32 " in result.stdout  # 2048 samples / 32 on one device
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert set(state) == {"weight", "bias"}
+
+
+def test_multigpu_spawns_two_cpu_ranks_that_learn(tmp_path):
+    result = run(python_cmd("multigpu.py", "20", "10"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_learns(result.stdout, 20)
+    # Each rank sees half the data; only rank 0 prints.
+    assert result.stdout.count("steps 32 | batch 32 x 2 ranks") == 20
+
+
+def test_two_multigpu_jobs_on_one_host_do_not_collide(tmp_path):
+    folders = [tmp_path / "a", tmp_path / "b"]
+    results = [None, None]
+
+    def launch(index):
+        folders[index].mkdir()
+        results[index] = run(python_cmd("multigpu.py", "3", "3"), folders[index])
+
+    threads = [threading.Thread(target=launch, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(epochs(result.stdout)) == 3
+
+
+def test_torchrun_learns_and_snapshots_every_save_every_and_at_the_end(tmp_path):
+    result = run(torchrun_cmd("multigpu_torchrun.py", "7", "5"), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_learns(result.stdout, 7)
+    assert "Epoch 5 | snapshot saved" in result.stdout and "Epoch 7 | snapshot saved" in result.stdout
+    snapshot = torch.load(tmp_path / "snapshot.pt", weights_only=True)
+    assert snapshot["EPOCHS_RUN"] == 7
+    assert snapshot["OPTIMIZER_STATE"]["state"], "momentum buffers must be saved"
+    assert not list(tmp_path.glob("*.tmp")), "a temporary snapshot file was left behind"
+
+
+def test_resume_neither_repeats_nor_skips_an_epoch(tmp_path):
+    assert run(torchrun_cmd("multinode.py", "4", "2"), tmp_path).returncode == 0
+    result = run(torchrun_cmd("multinode.py", "7", "2"), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resuming from snapshot.pt: 4 epochs done" in result.stdout
+    assert [n for n, _ in epochs(result.stdout)] == [5, 6, 7]
+    assert torch.load(tmp_path / "snapshot.pt", weights_only=True)["EPOCHS_RUN"] == 7
+    # Done already: nothing is trained again.
+    again = run(torchrun_cmd("multinode.py", "7", "2"), tmp_path)
+    assert again.returncode == 0 and epochs(again.stdout) == []
+    assert "Nothing to train" in again.stdout
