@@ -169,7 +169,7 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(dir_fd)
 
 
-def read_snapshot(path: str, map_location: str | torch.device) -> dict[str, Any]:
+def read_snapshot(path: str, map_location: str | torch.device, required_keys: tuple[str, ...] = SNAPSHOT_KEYS) -> dict[str, Any]:
     """Load a snapshot written by `atomic_save`, refusing anything else.
 
     `weights_only=True` unpickles tensors and plain containers only: a planted pickle that
@@ -187,8 +187,8 @@ def read_snapshot(path: str, map_location: str | torch.device) -> dict[str, Any]
         raise SnapshotError(f"{path} is not a readable snapshot (damaged, or not written by torch.save); {fix}") from None
     except Exception as err:  # corrupt, truncated or not a torch file at all
         raise SnapshotError(f"{path} is not a readable snapshot ({brief(err)}); {fix}") from None
-    if not isinstance(snapshot, dict) or not all(key in snapshot for key in SNAPSHOT_KEYS):
-        raise SnapshotError(f"{path} is not a snapshot of this tutorial (expected keys {', '.join(SNAPSHOT_KEYS)}); {fix}")
+    if not isinstance(snapshot, dict) or not all(key in snapshot for key in required_keys):
+        raise SnapshotError(f"{path} is not a snapshot of this program (expected keys {', '.join(required_keys)}); {fix}")
     return snapshot
 
 

@@ -96,7 +96,7 @@ def planted_file(kind: str, folder) -> bytes:
 SNAPSHOT_CASES = {
     "corrupt": "is not a readable snapshot",
     "truncated": "is not a readable snapshot",
-    "not a snapshot": "is not a snapshot of this tutorial",
+    "not a snapshot": "is not a snapshot of this program",
     "different model": "was saved from a different model",
     "malicious": "could run code when loaded, so it was not loaded",
 }
