@@ -46,6 +46,11 @@ def typed(section: str, key: str, value: Any) -> Any:
     kind = settable_fields(section)[key].type
     if kind == "str" and value is None:
         return ""
+    if kind == "float" and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),

@@ -102,6 +102,7 @@ class Trainer:
         self.sampler = DistributedSampler(train_set, seed=config.seed)  # same shuffle on every rank
         self.epochs_run = 0
         self.step_in_epoch = 0  # optimizer steps done in the current epoch
+        self.bar_open = False  # rank 0 has drawn a progress bar on the terminal's current line
         if snapshot is not None:
             self._load_snapshot(snapshot)
         self.model = DDP(self.raw_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
@@ -109,7 +110,6 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.stop = StopRequest()
         self.metrics = open(config.metrics_path, "a") if self.global_rank == 0 else None
-        self.bar_open = False  # a progress bar is drawn on the terminal's current line
         self.flops_per_token = model.flops_per_token()
         name = torch.cuda.get_device_name(self.device) if self.device_type == "cuda" else ""
         self.peak_flops = next((flops for card, flops in PEAK_BF16_FLOPS.items() if card in name), None)
