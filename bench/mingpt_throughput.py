@@ -1,0 +1,103 @@
+"""Throughput and MFU of the minGPT trainer, measured through the real `mingpt/main.py`.
+
+    python bench/mingpt_throughput.py --data ../shared/data/tinyshakespeare.txt            # GPU: default + GPT-2 small
+    python bench/mingpt_throughput.py --data ../shared/data/tinyshakespeare.txt --cases cpu-small
+
+Each case is one torchrun job; tokens/s is the median of its logged intervals after the first
+(warm-up, compilation). The table goes to stdout and to bench/results/mingpt_<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+# name -> config overrides. Each case trains a bounded number of steps.
+CASES = {
+    "default": ["trainer_config.max_epochs=1", "data_config.truncate=0.3", "trainer_config.log_every=20"],
+    "default+compile": ["trainer_config.max_epochs=1", "data_config.truncate=0.3", "trainer_config.log_every=20", "trainer_config.compile=true"],
+    "gpt2-small+compile": [
+        "gpt_config.n_layer=12", "gpt_config.n_head=12", "gpt_config.n_embd=768", "data_config.block_size=1024",
+        "trainer_config.batch_size=16", "trainer_config.max_epochs=1", "data_config.truncate=0.1",
+        "trainer_config.log_every=10", "trainer_config.compile=true", "gpt_config.dropout=0.0",
+    ],
+    "cpu-small": [
+        "gpt_config.n_layer=2", "gpt_config.n_head=4", "gpt_config.n_embd=128", "data_config.block_size=64",
+        "trainer_config.batch_size=32", "trainer_config.max_epochs=1", "data_config.truncate=0.02", "trainer_config.log_every=10",
+    ],
+}  # fmt: skip
+
+
+def run_case(name: str, data: str, nproc: int) -> dict:
+    """One torchrun job in a scratch folder; returns the measured figures."""
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(REPO / "mingpt" / "main.py"), f"data_config.path={data}", *CASES[name],
+        ]  # fmt: skip
+        result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+        if result.returncode != 0:
+            return {"case": name, "error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+        records = [json.loads(line) for line in Path(folder, "gpt_metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "tokens_per_s" in r][1:]  # drop the warm-up interval
+    mfus = [r["mfu"] for r in steps if r["mfu"] is not None]
+    return {
+        "case": name,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan"),
+        "mfu": statistics.median(mfus) if mfus else None,
+        "intervals": len(steps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="a local text file to train on (e.g. Tiny Shakespeare)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        help="which cases to run (default: default, default+compile, gpt2-small+compile on GPU; cpu-small otherwise)",
+    )
+    parser.add_argument("--nproc", type=int, help="processes (default: every GPU, else 2)")
+    args = parser.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    cases = args.cases or (["default", "default+compile", "gpt2-small+compile"] if on_gpu else ["cpu-small"])
+    nproc = args.nproc or (torch.cuda.device_count() if on_gpu else 2)
+    device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    header = (
+        f"minGPT throughput on {device}, {nproc} process(es), torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}, data {Path(args.data).name}"
+    )
+    lines = [header, "", "| case | tokens/s (all ranks) | MFU | intervals |", "| --- | ---: | ---: | ---: |"]
+    print(header, flush=True)
+    for name in cases:
+        row = run_case(name, args.data, nproc)
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} | | |")
+        else:
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+            lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {mfu} | {row['intervals']} |")
+        print(lines[-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device.split("(")[0].strip().lower())
+    out = RESULTS / f"mingpt_{slug}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
