@@ -278,3 +278,20 @@ def test_killed_mid_epoch_resumes_bit_identical(tmp_path, jobs, corpus, uninterr
     else:
         assert "Resuming from gpt_snapshot.pt: " in output
     assert_same_training(tmp_path / "gpt_snapshot.pt", uninterrupted)
+
+
+@pytest.mark.parametrize("problem", ["damaged snapshot", "missing data file"])
+def test_unusable_files_get_one_error_line(tmp_path, corpus, problem):
+    overrides = ["trainer_config.max_epochs=1"]
+    if problem == "damaged snapshot":
+        (tmp_path / "gpt_snapshot.pt").write_bytes(b"not a snapshot at all")
+        says = "gpt_snapshot.pt is not a readable snapshot"
+    else:
+        overrides.append(f"data_config.path={tmp_path / 'nowhere.txt'}")
+        says = "nowhere.txt not found; pass data_config.path="
+    result = run(train(corpus, *overrides), tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and says in errors[0], output[-3000:]
+    assert 'main.py", line' not in output
