@@ -250,7 +250,7 @@ class Trainer:
         )
         if sys.stdout.isatty():  # a progress bar redrawn in place; plain lines for logs and Slurm
             done = int(30 * self.step_in_epoch / steps_in_epoch)
-            print(f"\r[{'#' * done}{'.' * (30 - done)}] {line}", end="", flush=True)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {line}\033[K", end="", flush=True)  # K: clear the rest
             self.bar_open = True
         else:
             print(line, flush=True)
