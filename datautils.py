@@ -1,6 +1,7 @@
 """What the four step scripts share.
 
-The training objects (a learnable synthetic dataset, the model, the optimizer and the loss),
+The training objects for two workloads (`--workload`): `toy`, a learnable synthetic regression
+that runs in seconds, and `images`, ResNet-18 on CIFAR-10, heavy enough to show DDP's speedup;
 plus the small careful pieces every step needs the same way: choosing a device, checking
 arguments, and writing and reading snapshot files safely. The step scripts keep the
 distributed logic itself, so that `diff -u` between two steps shows only the new idea.
@@ -14,9 +15,10 @@ import os
 import pickle
 import sys
 import tempfile
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
@@ -47,9 +49,31 @@ class MyTrainDataset(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-def load_train_objs() -> tuple[MyTrainDataset, torch.nn.Module, torch.optim.Optimizer]:
+def cifar10(data_dir: str) -> Dataset:
+    """CIFAR-10's 50,000 training images, downloaded into `data_dir` once per node.
+
+    `data_dir` "fake": torchvision's FakeData with CIFAR-10's shapes (3x32x32, 10 classes) and a
+    fixed seed, for running offline. It holds 2048 random images: it measures speed, not learning.
+    """
+    from torchvision import datasets, transforms  # only this workload needs torchvision
+
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))])
+    if data_dir == "fake":
+        return datasets.FakeData(size=2048, image_size=(3, 32, 32), num_classes=10, transform=to_tensor, random_offset=0)
+    error = on_local_rank_zero_first(lambda: datasets.CIFAR10(data_dir, train=True, download=True))
+    if error:
+        fail(f"could not get CIFAR-10 into {data_dir} ({error}); download it there by hand, or use --data_dir fake to train on generated images")
+    return datasets.CIFAR10(data_dir, train=True, transform=to_tensor)
+
+
+def load_train_objs(workload: str = "toy", data_dir: str = "./data") -> tuple[Dataset, torch.nn.Module, torch.optim.Optimizer]:
     """The dataset, model and optimizer. Seeded, so every run starts from the same weights."""
     torch.manual_seed(0)
+    if workload == "images":
+        from torchvision.models import resnet18
+
+        model = resnet18(num_classes=10)
+        return cifar10(data_dir), model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     train_set = MyTrainDataset(2048)
     model = torch.nn.Linear(IN_FEATURES, 1)
     # Momentum gives the optimizer real state: a resume that lost it would train differently.
@@ -58,8 +82,38 @@ def load_train_objs() -> tuple[MyTrainDataset, torch.nn.Module, torch.optim.Opti
 
 
 def loss_fn(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error: the model has one output, so this is a regression."""
+    """Cross-entropy for class labels (images); mean squared error for real-valued targets (toy)."""
+    if targets.dtype == torch.long:
+        return F.cross_entropy(output, targets)
     return F.mse_loss(output, targets)
+
+
+def count_correct(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How many predictions in a batch hit their class label (0 for a regression); stays on the device."""
+    if targets.dtype != torch.long:
+        return torch.zeros((), device=output.device)
+    return (output.argmax(dim=1) == targets).sum().float()
+
+
+def on_local_rank_zero_first(work: Callable[[], Any]) -> str | None:
+    """Run `work` (a download) on one process per node while the others wait; return the error, if any.
+
+    Collective when a process group exists: every rank learns whether any node failed, so none
+    waits forever. Outside a process group (step 1) it just runs `work`.
+    """
+    error = None
+    if not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+        try:
+            work()
+        except Exception as err:  # network, disk, checksum: reported in one line by the caller
+            error = brief(err, limit=400)
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        failed = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            error = "another node could not get it"
+    return error
 
 
 # ---------------------------------------------------------------- command line and errors

@@ -130,20 +130,12 @@ def ddp_setup() -> torch.device:
     return torch.device("cpu")
 
 
-def fetch_data(config: DataConfig, device: torch.device) -> None:
-    """A URL is downloaded once per node (local rank 0); every rank waits, and all stop if one failed."""
-    error = None
-    if is_url(config.path) and int(os.environ["LOCAL_RANK"]) == 0:
-        try:
-            download(config)
-        except DataError as err:
-            error = err
-    failed = torch.tensor([float(error is not None)], device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if error is not None:  # printed where it happened: that may be a node other than rank 0's
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    if failed.item():
-        raise SystemExit(1)
+def fetch_data(config: DataConfig) -> None:
+    """A URL is downloaded once per node (local rank 0) while the other ranks wait."""
+    if is_url(config.path):
+        error = datautils.on_local_rank_zero_first(lambda: download(config))
+        if error:
+            datautils.fail(error)
 
 
 def load_snapshot(path: str) -> dict[str, Any] | None:
@@ -167,7 +159,7 @@ def main(configs: dict[str, Any]) -> None:
     try:
         torch.manual_seed(trainer_config.seed + dist.get_rank())  # rank 0's weights are the ones DDP broadcasts
         snapshot = load_snapshot(trainer_config.snapshot_path)
-        fetch_data(data_config, device)
+        fetch_data(data_config)
         text = read_text(data_config)
         chars = snapshot["VOCAB"] if snapshot else vocabulary(text)  # ids must mean what they meant when saved
         train_set, test_set = split_datasets(text, chars, data_config)

@@ -280,15 +280,18 @@ def test_killed_mid_epoch_resumes_bit_identical(tmp_path, jobs, corpus, uninterr
     assert_same_training(tmp_path / "gpt_snapshot.pt", uninterrupted)
 
 
-@pytest.mark.parametrize("problem", ["damaged snapshot", "missing data file"])
+@pytest.mark.parametrize("problem", ["damaged snapshot", "missing data file", "server down"])
 def test_unusable_files_get_one_error_line(tmp_path, corpus, problem):
     overrides = ["trainer_config.max_epochs=1"]
     if problem == "damaged snapshot":
         (tmp_path / "gpt_snapshot.pt").write_bytes(b"not a snapshot at all")
         says = "gpt_snapshot.pt is not a readable snapshot"
-    else:
+    elif problem == "missing data file":
         overrides.append(f"data_config.path={tmp_path / 'nowhere.txt'}")
         says = "nowhere.txt not found; pass data_config.path="
+    else:
+        overrides.append(f"data_config.path=http://127.0.0.1:{free_port()}/input.txt")
+        says = "input.txt (Connection refused); download it yourself and pass data_config.path="
     result = run(train(corpus, *overrides), tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
