@@ -291,7 +291,7 @@ def test_unusable_files_get_one_error_line(tmp_path, corpus, problem):
         says = "nowhere.txt not found; pass data_config.path="
     else:
         overrides.append(f"data_config.path=http://127.0.0.1:{free_port()}/input.txt")
-        says = "input.txt (Connection refused); download it yourself and pass data_config.path="
+        says = "Connection refused); download it yourself and pass data_config.path="
     result = run(train(corpus, *overrides), tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
