@@ -144,6 +144,22 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """--workload and --data_dir, the same in every step."""
+    parser.add_argument(
+        "--workload",
+        default="toy",
+        choices=["toy", "images"],
+        help="toy: a linear regression on synthetic data, done in seconds; images: ResNet-18 on CIFAR-10, "
+        "heavy enough for DDP's speedup to show (default: toy)",
+    )
+    parser.add_argument(
+        "--data_dir",
+        default="./data",
+        help="images: where CIFAR-10 is downloaded, or 'fake' for generated images of its shape, offline (default: ./data)",
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number greater than zero."""
     try:

@@ -54,33 +54,37 @@ class Trainer:
         self.optimizer = optimizer
         self.save_every = save_every
 
-    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         output = self.model(source)
         loss = loss_fn(output, targets)
         loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with backward
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), datautils.count_correct(output, targets)
 
     def _run_epoch(self, epoch: int, max_epochs: int) -> None:
         start = time.perf_counter()
         self.train_data.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        loss_sum = torch.zeros((), device=self.device)  # stays on the device: no host sync per step
+        loss_sum = torch.zeros((), device=self.device)  # these stay on the device: no host sync per step
+        correct = torch.zeros((), device=self.device)
         samples = 0
         for source, targets in self.train_data:
             source = source.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            loss_sum += self._run_batch(source, targets) * len(source)
+            loss, batch_correct = self._run_batch(source, targets)
+            loss_sum += loss * len(source)
+            correct += batch_correct
             samples += len(source)
-        # One all-reduce per epoch turns each rank's sums into the mean loss over all ranks.
-        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device)])
+        # One all-reduce per epoch turns each rank's sums into the mean loss and accuracy over all ranks.
+        totals = torch.stack([loss_sum, correct, torch.tensor(float(samples), device=self.device)])
         dist.all_reduce(totals)
-        mean_loss = (totals[0] / totals[1]).item()
+        mean_loss, accuracy = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
         if self.rank == 0:
+            accuracy_text = f" | accuracy {accuracy:.1%}" if targets.dtype == torch.long else ""  # class labels
             print(
                 f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | steps {len(self.train_data)} | "
-                f"batch {self.train_data.batch_size} x {dist.get_world_size()} ranks | loss {mean_loss:.6f} | "
-                f"{time.perf_counter() - start:.2f}s",
+                f"batch {self.train_data.batch_size} x {dist.get_world_size()} ranks | loss {mean_loss:.6f}{accuracy_text} | "
+                f"{time.perf_counter() - start:.3f}s",
                 flush=True,
             )
 
@@ -107,11 +111,11 @@ def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
     )
 
 
-def main(rank: int, world_size: int, device: str, total_epochs: int, save_every: int, batch_size: int) -> None:
+def main(rank: int, world_size: int, device: str, total_epochs: int, save_every: int, batch_size: int, workload: str, data_dir: str) -> None:
     ddp_setup(rank, world_size, device)
     trainer = None
     try:
-        train_set, model, optimizer = load_train_objs()
+        train_set, model, optimizer = load_train_objs(workload, data_dir)
         train_data = prepare_dataloader(train_set, batch_size)
         trainer = Trainer(model, train_data, optimizer, rank, device, save_every)
         trainer.train(total_epochs)
@@ -145,6 +149,7 @@ if __name__ == "__main__":
         type=datautils.positive_int,
         help="how many processes; default: every visible GPU, or 2 on CPU",
     )
+    datautils.add_workload_args(parser)
     args = parser.parse_args()
 
     device = datautils.resolve_device(args.device)
@@ -157,6 +162,10 @@ if __name__ == "__main__":
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", free_port())
     try:
-        mp.spawn(main, args=(world_size, device, args.total_epochs, args.save_every, args.batch_size), nprocs=world_size)
+        mp.spawn(
+            main,
+            args=(world_size, device, args.total_epochs, args.save_every, args.batch_size, args.workload, args.data_dir),
+            nprocs=world_size,
+        )
     except mp.ProcessExitedException as err:  # a process exited with an error it has already printed
         datautils.fail(f"process {err.error_index} exited with code {err.exit_code}")

@@ -32,27 +32,31 @@ class Trainer:
         self.optimizer = optimizer
         self.save_every = save_every
 
-    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         output = self.model(source)
         loss = loss_fn(output, targets)
         loss.backward()
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), datautils.count_correct(output, targets)
 
     def _run_epoch(self, epoch: int, max_epochs: int) -> None:
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)  # stays on the device: no host sync per step
+        loss_sum = torch.zeros((), device=self.device)  # these stay on the device: no host sync per step
+        correct = torch.zeros((), device=self.device)
         samples = 0
         for source, targets in self.train_data:
             source = source.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            loss_sum += self._run_batch(source, targets) * len(source)
+            loss, batch_correct = self._run_batch(source, targets)
+            loss_sum += loss * len(source)
+            correct += batch_correct
             samples += len(source)
         mean_loss = loss_sum.item() / samples
+        accuracy = f" | accuracy {correct.item() / samples:.1%}" if targets.dtype == torch.long else ""  # class labels
         print(
             f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | steps {len(self.train_data)} | "
-            f"batch {self.train_data.batch_size} | loss {mean_loss:.6f} | {time.perf_counter() - start:.2f}s",
+            f"batch {self.train_data.batch_size} | loss {mean_loss:.6f}{accuracy} | {time.perf_counter() - start:.3f}s",
             flush=True,
         )
 
@@ -76,10 +80,10 @@ def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
     )
 
 
-def main(device: str, total_epochs: int, save_every: int, batch_size: int) -> None:
+def main(device: str, total_epochs: int, save_every: int, batch_size: int, workload: str, data_dir: str) -> None:
     device = datautils.resolve_device(device, allow_mps=True)
     datautils.check_writable_folder(CHECKPOINT_PATH)
-    train_set, model, optimizer = load_train_objs()
+    train_set, model, optimizer = load_train_objs(workload, data_dir)
     train_data = prepare_dataloader(train_set, batch_size)
     trainer = Trainer(model, train_data, optimizer, device, save_every)
     trainer.train(total_epochs)
@@ -96,6 +100,7 @@ if __name__ == "__main__":
         choices=["auto", "cuda", "mps", "cpu"],
         help="where to train; auto picks CUDA, then Apple MPS, then CPU (default: auto)",
     )
+    datautils.add_workload_args(parser)
     args = parser.parse_args()
 
-    main(args.device, args.total_epochs, args.save_every, args.batch_size)
+    main(args.device, args.total_epochs, args.save_every, args.batch_size, args.workload, args.data_dir)
