@@ -207,3 +207,31 @@ def reference_snapshot(tmp_path_factory) -> Path:
     assert [n for n, _ in epochs(result.stdout)] == list(range(1, 61))
     return folder / "snapshot.pt"
 
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real two-node Slurm cluster for the whole session (see slurm_cluster.py).
+
+    Where it cannot start (not root, packages missing), its tests skip, except in CI
+    (CI=true), where that is a failure.
+    """
+    from slurm_cluster import SlurmCluster, SlurmUnavailable  # it imports this module
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        try:
+            cluster.start()
+        except SlurmUnavailable as err:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI needs a local Slurm cluster: {err}")
+            pytest.skip(f"no local Slurm cluster: {err}")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The session's Slurm cluster, its queue emptied after each test."""
+    yield slurm_cluster
+    slurm_cluster.cancel_all()
