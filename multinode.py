@@ -7,13 +7,15 @@
 New in this step: two ranks. LOCAL_RANK numbers the processes on one node and picks the GPU;
 RANK numbers them across the whole job and decides who prints and saves. Nodes need not share
 a file system: only global rank 0 reads and writes the snapshot, and it broadcasts what it
-read so that every rank resumes from the same epoch and state.
+read so that every rank resumes from the same epoch and state. SIGUSR1 (Slurm's warning before a
+time limit, passed on by slurm/sbatch_run.sh) stops every rank after the same epoch, with a snapshot.
 """
 
 import gc
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -25,6 +27,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 import datautils
 from datautils import load_train_objs, loss_fn
+
+STOP_REQUESTED = threading.Event()  # set by SIGUSR1: stop after this epoch, with a snapshot
 
 
 def ddp_setup(device: str) -> None:
@@ -87,7 +91,7 @@ class Trainer:
         self.optimizer.step()
         return loss.detach()
 
-    def _run_epoch(self, epoch: int, max_epochs: int) -> None:
+    def _run_epoch(self, epoch: int, max_epochs: int) -> bool:
         start = time.perf_counter()
         self.train_data.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         loss_sum = torch.zeros((), device=self.device)  # stays on the device: no host sync per step
@@ -97,8 +101,10 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             loss_sum += self._run_batch(source, targets) * len(source)
             samples += len(source)
-        # One all-reduce per epoch turns each rank's sums into the mean loss over all ranks.
-        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device)])
+        # One all-reduce per epoch turns each rank's sums into the mean loss over all ranks, and
+        # counts the ranks asked to stop: any one of them, and all stop after this same epoch.
+        stop = torch.tensor(float(STOP_REQUESTED.is_set()), device=self.device)
+        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device), stop])
         dist.all_reduce(totals)
         mean_loss = (totals[0] / totals[1]).item()
         if self.global_rank == 0:
@@ -108,6 +114,7 @@ class Trainer:
                 f"{time.perf_counter() - start:.2f}s",
                 flush=True,
             )
+        return bool(totals[2] > 0)
 
     def _save_snapshot(self, epoch: int) -> None:
         snapshot = {
@@ -122,10 +129,14 @@ class Trainer:
         if self.epochs_run >= max_epochs and self.global_rank == 0:
             print(f"Nothing to train: the snapshot has {self.epochs_run} of {max_epochs} epochs done", flush=True)
         for epoch in range(self.epochs_run, max_epochs):
-            self._run_epoch(epoch, max_epochs)
+            stop = self._run_epoch(epoch, max_epochs)
             # Every rank holds the same weights; global rank 0 alone writes them, on its node.
-            if self.global_rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
+            if self.global_rank == 0 and (stop or (epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
                 self._save_snapshot(epoch)
+            if stop:
+                if self.global_rank == 0:
+                    print(f"Stopped after epoch {epoch + 1} on SIGUSR1; a new run resumes from the snapshot", flush=True)
+                return
 
 
 def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
@@ -142,6 +153,8 @@ def main(device: str, total_epochs: int, save_every: int, batch_size: int, snaps
     # torchrun and Slurm stop workers with SIGTERM. As SystemExit it unwinds through `finally`:
     # the process group is destroyed, and a snapshot being written is finished or discarded whole.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGUSR1 asks for a stop without losing work: the ranks agree on it at the end of an epoch.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: STOP_REQUESTED.set())
     ddp_setup(device)
     trainer = None
     try:

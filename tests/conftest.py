@@ -187,6 +187,17 @@ def no_traceback_from(script: str, output: str) -> bool:
 RESUME_ARGS = ("60", "10")
 
 
+def resumed_epochs(output: str, snapshot: str = "snapshot.pt") -> int:
+    """Epochs done in the snapshot a RESUME_ARGS run resumed from; checks nothing was repeated or skipped after it."""
+    marker = f"Resuming from {snapshot}: "
+    assert marker in output, output[-3000:]
+    done = int(output.split(marker)[-1].split()[0])
+    assert done % 10 == 0 and done >= 20, f"resumed from epoch {done}, not a snapshot saved every 10 epochs"
+    after_resume = [n for n, _ in epochs(output.split(marker)[-1])]
+    assert after_resume == list(range(done + 1, 61)), after_resume
+    return done
+
+
 @pytest.fixture(scope="session")
 def reference_snapshot(tmp_path_factory) -> Path:
     """Final snapshot of an uninterrupted 2-rank `multigpu_torchrun.py 60 10` run."""
@@ -195,3 +206,32 @@ def reference_snapshot(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-4000:]
     assert [n for n, _ in epochs(result.stdout)] == list(range(1, 61))
     return folder / "snapshot.pt"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real two-node Slurm cluster for the whole session (see slurm_cluster.py).
+
+    Where it cannot start (not root, packages missing), its tests skip, except in CI
+    (CI=true), where that is a failure.
+    """
+    from slurm_cluster import SlurmCluster, SlurmUnavailable  # it imports this module
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        try:
+            cluster.start()
+        except SlurmUnavailable as err:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI needs a local Slurm cluster: {err}")
+            pytest.skip(f"no local Slurm cluster: {err}")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The session's Slurm cluster, its queue emptied after each test."""
+    yield slurm_cluster
+    slurm_cluster.cancel_all()

@@ -1,6 +1,7 @@
 """Real kills of real workers: every interrupted run must end bit-identical to an uninterrupted one."""
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -15,21 +16,11 @@ from conftest import (
     free_port,
     multinode_cmd,
     no_traceback_from,
+    resumed_epochs,
     run,
     session_members,
     torchrun_cmd,
 )
-
-
-def resumed_epochs(output: str) -> int:
-    """Epochs done in the snapshot the job resumed from; checks nothing was repeated or skipped after it."""
-    marker = "Resuming from snapshot.pt: "
-    assert marker in output, output[-3000:]
-    done = int(output.split(marker)[-1].split()[0])
-    assert done % 10 == 0 and done >= 20, f"resumed from epoch {done}, not a snapshot saved every 10 epochs"
-    after_resume = [n for n, _ in epochs(output.split(marker)[-1])]
-    assert after_resume == list(range(done + 1, 61)), after_resume
-    return done
 
 
 def test_sigkilled_worker_is_restarted_and_ends_bit_identical(tmp_path, jobs, reference_snapshot):
@@ -94,3 +85,21 @@ def test_multinode_without_shared_files_recovers_from_a_killed_worker(tmp_path, 
     assert not (folders[other] / "snapshot.pt").exists(), "the second node must not need the snapshot"
     # Two nodes of one process each train exactly as two processes on one node.
     assert_bit_identical(folders[head] / "snapshot.pt", reference_snapshot)
+
+
+def test_sigusr1_to_one_worker_stops_all_ranks_after_one_epoch_with_a_snapshot(tmp_path, jobs, reference_snapshot):
+    args = (RESUME_ARGS[0], "1000")  # no periodic snapshot before the last epoch: only SIGUSR1 saves one
+    job = jobs(torchrun_cmd("multinode.py", *args), tmp_path)
+    job.wait_for(r"Epoch 5/60")
+    os.kill(job.worker(local_rank=1), signal.SIGUSR1)  # one rank only: the all-reduce tells the other
+    assert job.wait(timeout=60) == 0, job.output()[-3000:]
+    output = job.output()
+    stopped = int(re.search(r"Stopped after epoch (\d+) on SIGUSR1", output).group(1))
+    assert [n for n, _ in epochs(output)] == list(range(1, stopped + 1))
+    assert f"Epoch {stopped} | snapshot saved" in output
+    assert datautils.read_snapshot(str(tmp_path / "snapshot.pt"), "cpu")["EPOCHS_RUN"] == stopped < 60
+    again = run(torchrun_cmd("multinode.py", *args), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resuming from snapshot.pt: {stopped} epochs done" in again.stdout
+    assert [n for n, _ in epochs(again.stdout)] == list(range(stopped + 1, 61))
+    assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
