@@ -120,7 +120,10 @@ def on_local_rank_zero_first(work: Callable[[], Any]) -> str | None:
 
 
 def is_rank_zero() -> bool:
-    """True in the process that speaks for the job (always true outside torchrun)."""
+    """True in the process that speaks for the job: rank 0 of the process group once there is one,
+    else what torchrun set in RANK (always true in a single process)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -167,5 +167,7 @@ if __name__ == "__main__":
             args=(world_size, device, args.total_epochs, args.save_every, args.batch_size, args.workload, args.data_dir),
             nprocs=world_size,
         )
-    except mp.ProcessExitedException as err:  # a process exited with an error it has already printed
-        datautils.fail(f"process {err.error_index} exited with code {err.exit_code}")
+    except mp.ProcessExitedException as err:
+        if err.exit_code > 0:  # an error the processes have already reported
+            raise SystemExit(err.exit_code) from None
+        datautils.fail(f"process {err.error_index} was killed by signal {-err.exit_code}")

@@ -83,38 +83,42 @@ class Trainer:
         if self.global_rank == 0:
             print(f"Resuming from {snapshot_path}: {self.epochs_run} epochs done", flush=True)
 
-    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         output = self.model(source)
         loss = loss_fn(output, targets)
         loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with backward
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), datautils.count_correct(output, targets)
 
     def _run_epoch(self, epoch: int, max_epochs: int) -> bool:
         start = time.perf_counter()
         self.train_data.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        loss_sum = torch.zeros((), device=self.device)  # stays on the device: no host sync per step
+        loss_sum = torch.zeros((), device=self.device)  # these stay on the device: no host sync per step
+        correct = torch.zeros((), device=self.device)
         samples = 0
         for source, targets in self.train_data:
             source = source.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            loss_sum += self._run_batch(source, targets) * len(source)
+            loss, batch_correct = self._run_batch(source, targets)
+            loss_sum += loss * len(source)
+            correct += batch_correct
             samples += len(source)
-        # One all-reduce per epoch turns each rank's sums into the mean loss over all ranks, and
-        # counts the ranks asked to stop: any one of them, and all stop after this same epoch.
+        # One all-reduce per epoch turns each rank's sums into the mean loss and accuracy over all ranks,
+        # and counts the ranks asked to stop: any one of them, and all stop after this same epoch.
         stop = torch.tensor(float(STOP_REQUESTED.is_set()), device=self.device)
-        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device), stop])
+        totals = torch.stack([loss_sum, correct, torch.tensor(float(samples), device=self.device), stop])
         dist.all_reduce(totals)
-        mean_loss = (totals[0] / totals[1]).item()
+        mean_loss, accuracy = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
         if self.global_rank == 0:
+            accuracy_text = f" | accuracy {accuracy:.1%}" if targets.dtype == torch.long else ""  # class labels
             print(
                 f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | steps {len(self.train_data)} | "
-                f"batch {self.train_data.batch_size} x {dist.get_world_size()} ranks | loss {mean_loss:.6f} | "
-                f"{time.perf_counter() - start:.2f}s",
+                f"batch {self.train_data.batch_size} x {dist.get_world_size()} ranks | loss {mean_loss:.6f}{accuracy_text} | "
+                f"{time.perf_counter() - start:.3f}s",
                 flush=True,
             )
-        return bool(totals[2] > 0)
+        return bool(totals[3] > 0)
 
     def _save_snapshot(self, epoch: int) -> None:
         snapshot = {
@@ -149,7 +153,7 @@ def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
     )
 
 
-def main(device: str, total_epochs: int, save_every: int, batch_size: int, snapshot_path: str) -> None:
+def main(device: str, total_epochs: int, save_every: int, batch_size: int, snapshot_path: str, workload: str, data_dir: str) -> None:
     # torchrun and Slurm stop workers with SIGTERM. As SystemExit it unwinds through `finally`:
     # the process group is destroyed, and a snapshot being written is finished or discarded whole.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -158,7 +162,7 @@ def main(device: str, total_epochs: int, save_every: int, batch_size: int, snaps
     ddp_setup(device)
     trainer = None
     try:
-        train_set, model, optimizer = load_train_objs()
+        train_set, model, optimizer = load_train_objs(workload, data_dir)
         train_data = prepare_dataloader(train_set, batch_size)
         trainer = Trainer(model, train_data, optimizer, device, save_every, snapshot_path)
         trainer.train(total_epochs)
@@ -187,6 +191,7 @@ if __name__ == "__main__":
         default="snapshot.pt",
         help="snapshot file on the node of global rank 0, to resume from and save to; its folder must exist there (default: snapshot.pt)",
     )
+    datautils.add_workload_args(parser)
     args = parser.parse_args()
 
     if "LOCAL_RANK" not in os.environ:
@@ -197,4 +202,4 @@ if __name__ == "__main__":
     device = datautils.resolve_device(args.device)
     if datautils.is_rank_zero():  # the other nodes never write the snapshot, nor need its folder
         datautils.check_writable_folder(args.snapshot_path)
-    main(device, args.total_epochs, args.save_every, args.batch_size, args.snapshot_path)
+    main(device, args.total_epochs, args.save_every, args.batch_size, args.snapshot_path, args.workload, args.data_dir)

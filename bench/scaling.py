@@ -33,7 +33,8 @@ RESULTS = REPO / "bench" / "results"
 EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| steps (\d+) \| batch (\d+)(?: x (\d+) ranks)? .*\| ([0-9.]+)s$", re.M)
 MINGPT_SMALL = [
     "gpt_config.n_layer=4", "gpt_config.n_head=4", "gpt_config.n_embd=256", "gpt_config.dropout=0.0",
-    "data_config.block_size=64", "trainer_config.batch_size=16", "trainer_config.max_epochs=1", "trainer_config.log_every=5",
+    "data_config.block_size=64", "data_config.truncate=0.01", "trainer_config.batch_size=16", "trainer_config.max_epochs=1",
+    "trainer_config.log_every=5",
 ]  # fmt: skip
 STEP_ARGS = {"toy": ["30", "1000", "--workload", "toy"], "images": ["4", "1000", "--workload", "images", "--data_dir", "fake"]}
 

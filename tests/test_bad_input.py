@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import datautils
-from conftest import epochs, no_traceback_from, python_cmd, run, torchrun_cmd
+from conftest import epochs, free_port, no_traceback_from, python_cmd, run, torchrun_cmd
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -36,6 +36,16 @@ def test_bad_arguments_get_one_line(tmp_path, script, args, says):
     assert says in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert list(tmp_path.iterdir()) == [], "nothing may be written"
+
+
+@pytest.mark.parametrize("script", ["single_gpu.py", "multigpu.py"])
+def test_missing_cifar10_without_network_says_how_to_get_it(tmp_path, script):
+    env = {"https_proxy": f"http://127.0.0.1:{free_port()}", "http_proxy": f"http://127.0.0.1:{free_port()}"}  # offline
+    result = run(python_cmd(script, "1", "1", "--workload", "images", "--data_dir", str(tmp_path / "cifar")), tmp_path, env=env)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "could not get CIFAR-10 into" in errors[0] and "--data_dir fake" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

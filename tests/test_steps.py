@@ -1,6 +1,9 @@
 """Each step runs end to end on CPU, really learns, and saves what it says it saves."""
 
+import re
 import threading
+
+import pytest
 
 import torch
 
@@ -83,3 +86,22 @@ def test_resume_neither_repeats_nor_skips_an_epoch(tmp_path):
     again = run(torchrun_cmd("multinode.py", "7", "2"), tmp_path)
     assert again.returncode == 0 and epochs(again.stdout) == []
     assert "Nothing to train" in again.stdout
+
+
+IMAGE_STEPS = [
+    ("single_gpu.py", python_cmd, "batch 64 |"),
+    ("multigpu.py", python_cmd, "batch 64 x 2 ranks"),
+    ("multigpu_torchrun.py", torchrun_cmd, "batch 64 x 2 ranks"),
+    ("multinode.py", torchrun_cmd, "batch 64 x 2 ranks"),
+]
+
+
+@pytest.mark.parametrize("script, launcher, batch", IMAGE_STEPS, ids=[s for s, _, _ in IMAGE_STEPS])
+def test_every_step_trains_resnet18_on_cifar10_shaped_images(tmp_path, script, launcher, batch):
+    result = run(launcher(script, "1", "1", "--workload", "images", "--data_dir", "fake", "--batch_size", "64"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = re.search(r"Epoch 1/1 \| steps (\d+) \| (.*) \| loss ([0-9.]+) \| accuracy ([0-9.]+)%", result.stdout)
+    assert line, result.stdout
+    # 2048 fake images: 32 steps of 64 on one process, 16 on each of two ranks.
+    assert batch in line.group(0) and int(line.group(1)) == (16 if "ranks" in batch else 32)
+    assert 0 <= float(line.group(4)) <= 100
