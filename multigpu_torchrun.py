@@ -56,7 +56,8 @@ class Trainer:
         self.epochs_run = 0
         if os.path.exists(snapshot_path):
             self._load_snapshot(snapshot_path)
-        self.model = DDP(self.model, device_ids=[self.local_rank] if device == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step.
+        self.model = DDP(self.model, device_ids=[self.local_rank] if device == "cuda" else None, gradient_as_bucket_view=True)
 
     def _load_snapshot(self, snapshot_path: str) -> None:
         # All ranks run on this one machine, so each reads the same file.

@@ -52,24 +52,26 @@ def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
 
 
 class StopRequest:
-    """SIGTERM asks the job to stop after the current step.
+    """SIGTERM or SIGUSR1 (Slurm's time-limit warning) asks the job to stop after the current step.
 
     Ranks may receive the signal at different steps, so after every step they agree through a
-    one-number all-reduce. It runs on the CPU (gloo), so it never waits for the GPU.
+    one-number all-reduce: the largest signal number asked for, 0 for none. It runs on the CPU
+    (gloo), so it never waits for the GPU.
     """
 
     def __init__(self) -> None:
-        self.flag = torch.zeros(1)
+        self.signum = torch.zeros(1)
         self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         signal.signal(signal.SIGTERM, self._request)
+        signal.signal(signal.SIGUSR1, self._request)
 
     def _request(self, signum: int, frame: Any) -> None:
-        self.flag[0] = 1
+        self.signum[0] = max(float(signum), float(self.signum[0]))
 
-    def agreed(self) -> bool:
-        flag = self.flag.clone()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag[0])
+    def agreed(self) -> int:
+        signum = self.signum.clone()
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=self.group)
+        return int(signum[0])
 
 
 class Trainer:
@@ -105,7 +107,8 @@ class Trainer:
         self.bar_open = False  # rank 0 has drawn a progress bar on the terminal's current line
         if snapshot is not None:
             self._load_snapshot(snapshot)
-        self.model = DDP(self.raw_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step.
+        self.model = DDP(self.raw_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None, gradient_as_bucket_view=True)
         if config.compile:
             self.model = torch.compile(self.model)
         self.stop = StopRequest()
@@ -202,10 +205,12 @@ class Trainer:
                 now = time.perf_counter()
                 self._log_step(epoch, steps_in_epoch, loss_value, grad_norm.item(), steps_since_log * tokens_per_step / (now - last_log))
                 last_log, steps_since_log = now, 0
-            if self.stop.agreed():
+            signum = self.stop.agreed()
+            if signum:
                 self._save_snapshot()
-                self._log("Stopping on SIGTERM")
-                raise SystemExit(128 + signal.SIGTERM)
+                self._log(f"Stopping on {signal.Signals(signum).name}")
+                # A warning (SIGUSR1) ends the job: exit 0. SIGTERM is a failure, which torchrun may restart.
+                raise SystemExit(0 if signum == signal.SIGUSR1 else 128 + signum)
 
     @torch.no_grad()
     def _evaluate(self) -> float:

@@ -298,3 +298,15 @@ def test_unusable_files_get_one_error_line(tmp_path, corpus, problem):
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and says in errors[0], output[-3000:]
     assert 'main.py", line' not in output
+
+
+def test_time_limit_warning_stops_cleanly_and_the_next_run_resumes_bit_identical(tmp_path, jobs, corpus, uninterrupted):
+    job = jobs(train(corpus, *RESUME), tmp_path)
+    job.wait_for(r"epoch 2 \| step 100/")
+    os.kill(job.worker(local_rank=1), signal.SIGUSR1)  # what slurm/launch.sh passes on from Slurm's warning
+    assert job.wait(timeout=120) == 0, job.output()[-3000:]  # a planned stop, not a failure
+    assert "Stopping on SIGUSR1" in job.output()
+    again = run(train(corpus, *RESUME), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from gpt_snapshot.pt: 1 epochs + " in again.stdout
+    assert_same_training(tmp_path / "gpt_snapshot.pt", uninterrupted)

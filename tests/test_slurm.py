@@ -1,4 +1,4 @@
-"""slurm/sbatch_run.sh on a real Slurm cluster of two nodes, each its own host (slurm_cluster.py).
+"""slurm/sbatch_run.sh and mingpt/slurm/sbatch_run.sh on a real Slurm cluster of two nodes, each its own host (slurm_cluster.py).
 
 Every job is the project's script, submitted unmodified with `sbatch` from the repository root;
 tests change only sbatch options (--chdir puts the output file and the snapshot in tmp_path).
@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import time
+
+import torch
 
 import datautils
 from conftest import REPO, RESUME_ARGS, assert_bit_identical, epochs, resumed_epochs, script_env
@@ -97,7 +99,7 @@ def test_job_submitted_away_from_the_repository_fails_with_one_line(slurm, tmp_p
     job_id = slurm.sbatch(str(REPO / SCRIPT), cwd=tmp_path)
     job = slurm.wait_for_end(job_id, timeout=60)
     assert job["JobState"] == "FAILED" and job["ExitCode"] == "1:0"
-    assert slurm.output(job_id) == f"error: {tmp_path}/multinode.py not found; {USAGE}\n"
+    assert slurm.output(job_id) == f"error: {tmp_path}/slurm/launch.sh not found; {USAGE}\n"
 
 
 def test_script_run_outside_slurm_fails_with_one_line(tmp_path):
@@ -106,3 +108,21 @@ def test_script_run_outside_slurm_fails_with_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr == f"error: not in a Slurm job; {USAGE}\n" and result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mingpt_script_trains_a_tiny_gpt_on_both_nodes(slurm, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the king sees the sea. the queen loves a crown.\n" * 200)
+    overrides = (
+        f"data_config.path={corpus}", "gpt_config.n_layer=1", "gpt_config.n_head=2", "gpt_config.n_embd=32",
+        "data_config.block_size=16", "trainer_config.batch_size=32", "trainer_config.max_epochs=2", "trainer_config.log_every=50",
+    )  # fmt: skip
+    job_id = slurm.sbatch("mingpt/slurm/sbatch_run.sh", *overrides, options=(f"--chdir={tmp_path}",))
+    job = slurm.wait_for_end(job_id, timeout=180)
+    output = slurm.output(job_id)
+    assert job["JobState"] == "COMPLETED", output[-3000:]
+    assert "2 nodes x 1 processes, rendezvous at 10.77.0.11" in output
+    assert "2 ranks on cpu" in output and "Epoch 2/2 | test loss" in output and "Sample:\n" in output
+    snapshot = torch.load(tmp_path / f"gpt_snapshot-{job_id}.pt", weights_only=True)
+    assert snapshot["EPOCHS_RUN"] == 2 and snapshot["STEP_IN_EPOCH"] == 0
+    assert (tmp_path / f"slurm-ddp-mingpt-{job_id}.out").exists()
