@@ -49,7 +49,7 @@ class Trainer:
     ) -> None:
         self.rank = rank
         self.device = f"cuda:{rank}" if device == "cuda" else device
-        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step.
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
         self.model = DDP(model.to(self.device), device_ids=[rank] if device == "cuda" else None, gradient_as_bucket_view=True)
         self.train_data = train_data
         self.optimizer = optimizer

@@ -56,7 +56,7 @@ class Trainer:
         self.epochs_run = 0
         if os.path.exists(snapshot_path):
             self._load_snapshot(snapshot_path)
-        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step.
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
         self.model = DDP(self.model, device_ids=[self.local_rank] if device == "cuda" else None, gradient_as_bucket_view=True)
 
     def _load_snapshot(self, snapshot_path: str) -> None:

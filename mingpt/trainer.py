@@ -107,7 +107,7 @@ class Trainer:
         self.bar_open = False  # rank 0 has drawn a progress bar on the terminal's current line
         if snapshot is not None:
             self._load_snapshot(snapshot)
-        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step.
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
         self.model = DDP(self.raw_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None, gradient_as_bucket_view=True)
         if config.compile:
             self.model = torch.compile(self.model)
