@@ -6,7 +6,6 @@ import signal
 import time
 import uuid
 
-import pytest
 
 import datautils
 from conftest import (

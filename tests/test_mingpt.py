@@ -23,7 +23,7 @@ from conftest import REPO, free_port, python_cmd, run, snapshot_tensors, torchru
 
 sys.path.insert(0, str(REPO / "mingpt"))
 import char_dataset  # noqa: E402
-from char_dataset import CharDataset, DataConfig, DataError  # noqa: E402
+from char_dataset import DataConfig, DataError  # noqa: E402
 from main import ConfigError, load_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
