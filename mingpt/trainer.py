@@ -191,20 +191,22 @@ class Trainer:
         steps_in_epoch = self.step_in_epoch + len(batches) // accum
         tokens_per_step = self.config.batch_size * accum * self.world_size * self.train_set.block_size
         last_log, steps_since_log = time.perf_counter(), 0
+        step_loss = torch.zeros((), device=self.device)  # mean over the step's micro-batches, on the device
         for micro_step, (source, targets) in enumerate(batches, start=1):
             source = source.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            loss = self._run_batch(source, targets, sync=micro_step % accum == 0)
+            step_loss += self._run_batch(source, targets, sync=micro_step % accum == 0) / accum
             if micro_step % accum:
                 continue
             grad_norm = self._optimizer_step()
             self.step_in_epoch += 1
             steps_since_log += 1
             if self.step_in_epoch % self.config.log_every == 0 or self.step_in_epoch == steps_in_epoch:
-                loss_value = loss.item()  # the loop's only wait for the GPU
+                loss_value = step_loss.item()  # the loop's only wait for the GPU
                 now = time.perf_counter()
                 self._log_step(epoch, steps_in_epoch, loss_value, grad_norm.item(), steps_since_log * tokens_per_step / (now - last_log))
                 last_log, steps_since_log = now, 0
+            step_loss.zero_()
             signum = self.stop.agreed()
             if signum:
                 self._save_snapshot()
