@@ -114,15 +114,15 @@ def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
 
 def main(rank: int, world_size: int, device: str, total_epochs: int, save_every: int, batch_size: int, workload: str, data_dir: str) -> None:
     ddp_setup(rank, world_size, device)
-    trainer = None
     try:
         train_set, model, optimizer = load_train_objs(workload, data_dir)
         train_data = prepare_dataloader(train_set, batch_size)
         trainer = Trainer(model, train_data, optimizer, rank, device, save_every)
         trainer.train(total_epochs)
     finally:
-        # Drop DDP before the process group it uses, or the process may abort at exit.
-        del trainer
+        # Drop DDP, and the model and optimizer whose tensors it shares, before the process group
+        # it uses: otherwise the process may abort at exit ("terminate called without an active exception").
+        trainer = model = optimizer = None
         gc.collect()
         destroy_process_group()
 

@@ -134,7 +134,6 @@ def main(device: str, total_epochs: int, save_every: int, batch_size: int, snaps
     # the process group is destroyed, and a snapshot being written is finished or discarded whole.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ddp_setup(device)
-    trainer = None
     try:
         train_set, model, optimizer = load_train_objs(workload, data_dir)
         train_data = prepare_dataloader(train_set, batch_size)
@@ -143,8 +142,9 @@ def main(device: str, total_epochs: int, save_every: int, batch_size: int, snaps
     except datautils.SnapshotError as err:
         datautils.fail(str(err))
     finally:
-        # Drop DDP before the process group it uses, or the process may abort at exit.
-        del trainer
+        # Drop DDP, and the model and optimizer whose tensors it shares, before the process group
+        # it uses: otherwise the process may abort at exit ("terminate called without an active exception").
+        trainer = model = optimizer = None
         gc.collect()
         destroy_process_group()
 

@@ -161,7 +161,6 @@ def main(device: str, total_epochs: int, save_every: int, batch_size: int, snaps
     # SIGUSR1 asks for a stop without losing work: the ranks agree on it at the end of an epoch.
     signal.signal(signal.SIGUSR1, lambda signum, frame: STOP_REQUESTED.set())
     ddp_setup(device)
-    trainer = None
     try:
         train_set, model, optimizer = load_train_objs(workload, data_dir)
         train_data = prepare_dataloader(train_set, batch_size)
@@ -170,8 +169,9 @@ def main(device: str, total_epochs: int, save_every: int, batch_size: int, snaps
     except datautils.SnapshotError as err:
         datautils.fail(str(err))
     finally:
-        # Drop DDP before the process group it uses, or the process may abort at exit.
-        del trainer
+        # Drop DDP, and the model and optimizer whose tensors it shares, before the process group
+        # it uses: otherwise the process may abort at exit ("terminate called without an active exception").
+        trainer = model = optimizer = None
         gc.collect()
         destroy_process_group()
 

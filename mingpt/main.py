@@ -155,7 +155,6 @@ def load_snapshot(path: str) -> dict[str, Any] | None:
 def main(configs: dict[str, Any]) -> None:
     data_config, gpt_config, trainer_config, optimizer_config = (configs[s] for s in SECTIONS)
     device = ddp_setup()
-    trainer = None
     try:
         torch.manual_seed(trainer_config.seed + dist.get_rank())  # rank 0's weights are the ones DDP broadcasts
         snapshot = load_snapshot(trainer_config.snapshot_path)
@@ -180,8 +179,9 @@ def main(configs: dict[str, Any]) -> None:
     except (datautils.SnapshotError, DataError) as err:
         datautils.fail(str(err))
     finally:
-        # Drop DDP before the process group it uses, or the process may abort at exit.
-        del trainer
+        # Drop DDP, and the model and optimizer whose tensors it shares, before the process group
+        # it uses: otherwise the process may abort at exit ("terminate called without an active exception").
+        trainer = model = optimizer = None
         gc.collect()
         destroy_process_group()
 
