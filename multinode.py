@@ -50,6 +50,7 @@ class Trainer:
         device: str,
         save_every: int,
         snapshot_path: str,
+        simulate_failure_at: int | None = None,
     ) -> None:
         self.local_rank = int(os.environ["LOCAL_RANK"])  # this process on this node: picks the GPU
         self.global_rank = int(os.environ["RANK"])  # this process in the whole job: decides who saves
@@ -59,6 +60,7 @@ class Trainer:
         self.optimizer = optimizer
         self.save_every = save_every
         self.snapshot_path = snapshot_path
+        self.simulate_failure_at = simulate_failure_at
         self.epochs_run = 0
         self._load_snapshot(snapshot_path)
         # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
@@ -130,10 +132,20 @@ class Trainer:
         datautils.atomic_save(snapshot, self.snapshot_path)
         print(f"Epoch {epoch + 1} | snapshot saved at {self.snapshot_path}", flush=True)
 
+    def _simulate_failure(self, epoch: int) -> None:
+        # --simulate_failure_at: the last rank dies at the start of that epoch, like a crashed GPU
+        # or an OOM kill (no cleanup), but only on torchrun's first attempt, so the restart succeeds.
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 and rank == world_size - 1:
+            print(f"Rank {rank}: simulated crash at the start of epoch {epoch + 1} (--simulate_failure_at)", flush=True)
+            os._exit(1)
+
     def train(self, max_epochs: int) -> None:
         if self.epochs_run >= max_epochs and self.global_rank == 0:
             print(f"Nothing to train: the snapshot has {self.epochs_run} of {max_epochs} epochs done", flush=True)
         for epoch in range(self.epochs_run, max_epochs):
+            if epoch + 1 == self.simulate_failure_at:
+                self._simulate_failure(epoch)
             stop = self._run_epoch(epoch, max_epochs)
             # Every rank holds the same weights; global rank 0 alone writes them, on its node.
             if self.global_rank == 0 and (stop or (epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
@@ -154,7 +166,16 @@ def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
     )
 
 
-def main(device: str, total_epochs: int, save_every: int, batch_size: int, snapshot_path: str, workload: str, data_dir: str) -> None:
+def main(
+    device: str,
+    total_epochs: int,
+    save_every: int,
+    batch_size: int,
+    snapshot_path: str,
+    workload: str,
+    data_dir: str,
+    simulate_failure_at: int | None,
+) -> None:
     # torchrun and Slurm stop workers with SIGTERM. As SystemExit it unwinds through `finally`:
     # the process group is destroyed, and a snapshot being written is finished or discarded whole.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -164,7 +185,7 @@ def main(device: str, total_epochs: int, save_every: int, batch_size: int, snaps
     try:
         train_set, model, optimizer = load_train_objs(workload, data_dir)
         train_data = prepare_dataloader(train_set, batch_size)
-        trainer = Trainer(model, train_data, optimizer, device, save_every, snapshot_path)
+        trainer = Trainer(model, train_data, optimizer, device, save_every, snapshot_path, simulate_failure_at)
         trainer.train(total_epochs)
     except datautils.SnapshotError as err:
         datautils.fail(str(err))
@@ -192,8 +213,17 @@ if __name__ == "__main__":
         default="snapshot.pt",
         help="snapshot file on the node of global rank 0, to resume from and save to; its folder must exist there (default: snapshot.pt)",
     )
+    parser.add_argument(
+        "--simulate_failure_at",
+        type=datautils.positive_int,
+        metavar="EPOCH",
+        help="to watch fault tolerance: the last rank crashes when this epoch starts, on torchrun's first attempt "
+        "only; with --max-restarts, torchrun restarts the workers and they resume from the snapshot",
+    )
     datautils.add_workload_args(parser)
     args = parser.parse_args()
+    if args.simulate_failure_at is not None and args.simulate_failure_at > args.total_epochs:
+        parser.error(f"argument --simulate_failure_at: epoch {args.simulate_failure_at} never comes in {args.total_epochs} epochs")
 
     if "LOCAL_RANK" not in os.environ:
         datautils.fail(
@@ -203,4 +233,13 @@ if __name__ == "__main__":
     device = datautils.resolve_device(args.device)
     if datautils.is_rank_zero():  # the other nodes never write the snapshot, nor need its folder
         datautils.check_writable_folder(args.snapshot_path)
-    main(device, args.total_epochs, args.save_every, args.batch_size, args.snapshot_path, args.workload, args.data_dir)
+    main(
+        device,
+        args.total_epochs,
+        args.save_every,
+        args.batch_size,
+        args.snapshot_path,
+        args.workload,
+        args.data_dir,
+        args.simulate_failure_at,
+    )

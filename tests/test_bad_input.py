@@ -54,6 +54,7 @@ def test_missing_cifar10_without_network_says_how_to_get_it(tmp_path, script):
         (["0", "5"], "total_epochs: must be greater than 0"),
         (["5", "5", "--snapshot_path", "no/such/folder/snapshot.pt"], "does not exist"),
         (["5", "5", "--snapshot_path", "/sys/snapshot.pt"], "is not writable"),
+        (["5", "5", "--simulate_failure_at", "6"], "--simulate_failure_at: epoch 6 never comes in 5 epochs"),
     ],
 )
 @pytest.mark.parametrize("script", ["multigpu_torchrun.py", "multinode.py"])

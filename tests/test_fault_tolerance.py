@@ -31,6 +31,24 @@ def test_sigkilled_worker_is_restarted_and_ends_bit_identical(tmp_path, jobs, re
     assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
 
 
+def test_simulated_failure_crashes_once_and_the_restart_ends_bit_identical(tmp_path, reference_snapshot):
+    cmd = torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS, "--simulate_failure_at", "35", max_restarts=3)
+    result = run(cmd, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The last rank crashed once, at the start of epoch 35; the restarted workers did not crash again.
+    assert result.stdout.count("simulated crash") == 1
+    assert "Rank 1: simulated crash at the start of epoch 35" in result.stdout
+    assert resumed_epochs(result.stdout) == 30
+    assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
+
+
+def test_simulated_failure_without_restarts_fails_the_job_and_keeps_the_snapshot(tmp_path):
+    result = run(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS, "--simulate_failure_at", "35"), tmp_path)
+    assert result.returncode != 0
+    assert [n for n, _ in epochs(result.stdout)] == list(range(1, 35))
+    assert datautils.read_snapshot(str(tmp_path / "snapshot.pt"), "cpu")["EPOCHS_RUN"] == 30
+
+
 def test_sigterm_ends_a_worker_cleanly_and_keeps_the_snapshot(tmp_path, jobs, reference_snapshot):
     job = jobs(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS), tmp_path)
     job.wait_for(r"Epoch 25/60")
