@@ -9,6 +9,7 @@ on the command line as section.key=value. After training, rank 0 prints a sample
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import os
@@ -186,8 +187,21 @@ def main(configs: dict[str, Any]) -> None:
         destroy_process_group()
 
 
+def settings_help() -> str:
+    """Every setting an override may name, with its value in the default config file."""
+    defaults = load_config(DEFAULT_CONFIG, [])
+    lines = [f"settings, as section.key=value (their meaning is in {DEFAULT_CONFIG.name}; these are its values):"]
+    for section in SECTIONS:
+        lines += [f"  {section}.{key}={getattr(defaults[section], key)}" for key in settable_fields(section)]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    parser = datautils.ArgumentParser(description="Train a character-level GPT with DDP. Launch with torchrun.")
+    parser = datautils.ArgumentParser(
+        description="Train a character-level GPT with DDP. Launch with torchrun.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the settings one per line
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
