@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 READMES = [REPO / "README.md", REPO / "README.zh-CN.md"]
-BLOCK = re.compile(r'<!-- test: (\w+)([^;>]*)(?:; run with "(.*?)" => "(.*?)")? -->\n```\w*\n(.*?)^```', re.S | re.M)
+BLOCK = re.compile(r'<!-- test: (\w+)([^;>]*)(?:; run with "(.*?)" => "(.*?)")? -->\n```\w*\n(.*?)^```', re.DOTALL | re.MULTILINE)
 NUMBER = re.compile(r"\d[\d,.]*")
 STEP_SCRIPTS = ("single_gpu.py", "multigpu.py", "multigpu_torchrun.py", "multinode.py")
 
@@ -169,7 +168,7 @@ def test_readme_commands_run_and_print_what_it_shows(block, checkout):
 
 
 def run_session(text: str, cwd: Path, where: str) -> None:
-    for chunk in re.split(r"^\$ ", text, flags=re.M)[1:]:
+    for chunk in re.split(r"^\$ ", text, flags=re.MULTILINE)[1:]:
         command, _, shown = chunk.partition("\n")
         result = bash(command, cwd)
         if "error:" in shown:
@@ -242,7 +241,7 @@ def check_invocation(words: list[str], where: str) -> None:
         assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0
         rest = words[words.index(script) + 1 :]
         target = "mingpt/main.py" if script.startswith("mingpt/") else "multinode.py"
-        defaults = re.search(r'^\[ "\$#" -gt 0 \] \|\| set -- (.*)$', (REPO / script).read_text(), re.M)
+        defaults = re.search(r'^\[ "\$#" -gt 0 \] \|\| set -- (.*)$', (REPO / script).read_text(), re.MULTILINE)
         if not rest and defaults:  # the script's own arguments when given none
             rest = defaults.group(1).split()
         check_invocation(["python", target, *rest], where)  # the script passes its arguments on
