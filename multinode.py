@@ -137,7 +137,10 @@ class Trainer:
         # or an OOM kill (no cleanup), but only on torchrun's first attempt, so the restart succeeds.
         rank, world_size = dist.get_rank(), dist.get_world_size()
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 and rank == world_size - 1:
-            print(f"Rank {rank}: simulated crash at the start of epoch {epoch + 1} (--simulate_failure_at)", flush=True)
+            # One write keeps the line whole: torchrun runs workers unbuffered, where print() writes the
+            # text and its newline apart, and rank 0's epoch line could land between them.
+            sys.stdout.write(f"Rank {rank}: simulated crash at the start of epoch {epoch + 1} (--simulate_failure_at)\n")
+            sys.stdout.flush()
             os._exit(1)
 
     def train(self, max_epochs: int) -> None:

@@ -108,9 +108,9 @@ def assert_shown_lines_appear(shown: str, output: str, where: str) -> None:
 
 def learner_env() -> dict[str, str]:
     """A learner's shell: this Python's `python` and `torchrun` first on PATH, nothing preset for the scripts."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCH", "OMP_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    preset = ("TORCH", "OMP_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "PYTHONUNBUFFERED")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(preset)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
