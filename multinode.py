@@ -135,12 +135,10 @@ class Trainer:
     def _simulate_failure(self, epoch: int) -> None:
         # --simulate_failure_at: the last rank dies at the start of that epoch, like a crashed GPU
         # or an OOM kill (no cleanup), but only on torchrun's first attempt, so the restart succeeds.
+        dist.barrier()  # rank 0 has printed the previous epoch's line: the crash report comes after it
         rank, world_size = dist.get_rank(), dist.get_world_size()
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 and rank == world_size - 1:
-            # One write keeps the line whole: torchrun runs workers unbuffered, where print() writes the
-            # text and its newline apart, and rank 0's epoch line could land between them.
-            sys.stdout.write(f"Rank {rank}: simulated crash at the start of epoch {epoch + 1} (--simulate_failure_at)\n")
-            sys.stdout.flush()
+            print(f"Rank {rank}: simulated crash at the start of epoch {epoch + 1} (--simulate_failure_at)", flush=True)
             os._exit(1)
 
     def train(self, max_epochs: int) -> None:
