@@ -39,6 +39,7 @@ READMES = [REPO / "README.md", REPO / "README.zh-CN.md"]
 BLOCK = re.compile(r'<!-- test: (\w+)([^;>]*)(?:; run with "(.*?)" => "(.*?)")? -->\n```\w*\n(.*?)^```', re.DOTALL | re.MULTILINE)
 NUMBER = re.compile(r"\d[\d,.]*")
 STEP_SCRIPTS = ("single_gpu.py", "multigpu.py", "multigpu_torchrun.py", "multinode.py")
+SET_UP_ONLY = ("pip install", "python -m pytest")  # set-up lines that .ci/run runs itself, not this test
 
 
 @dataclass
@@ -176,9 +177,6 @@ def run_session(text: str, cwd: Path, where: str) -> None:
         else:
             assert result.returncode == 0, f"{where}: {command!r} exited {result.returncode}:\n{result.stdout[-3000:]}"
         assert_shown_lines_appear(shown, result.stdout, f"{where}, {command!r}")
-
-
-SET_UP_ONLY = ("pip install", "python -m pytest")  # what .ci/run runs itself
 
 
 def test_set_up_and_test_commands_are_what_ci_runs():
