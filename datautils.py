@@ -1,46 +1,46 @@
-"""What the four step scripts share.
+"""What the steps train on, as in the official series: the data, the model, the optimizer, the loss.
 
-The training objects for two workloads (`--workload`): `toy`, a learnable synthetic regression
-that runs in seconds, and `images`, ResNet-18 on CIFAR-10, heavy enough to show DDP's speedup;
-plus the small careful pieces every step needs the same way: choosing a device, checking
-arguments, and writing and reading snapshot files safely. The step scripts keep the
-distributed logic itself, so that `diff -u` between two steps shows only the new idea.
+Two workloads (`--workload`): `toy`, a learnable synthetic regression that runs in seconds, and
+`images`, ResNet-18 on CIFAR-10, heavy enough to show DDP's speedup. Each has a training set
+and a held-out validation set.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
 import os
-import pickle
-import sys
-import tempfile
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
+
+import cli
 
 IN_FEATURES = 20
-SNAPSHOT_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE", "EPOCHS_RUN")
+TOY_VAL_SIZE = 1000  # not a multiple of 3: three ranks get shards of different sizes
+FAKE_TRAIN_SIZE = 2048  # --data_dir fake: enough to measure speed, not to learn
+FAKE_VAL_SIZE = 1000  # CIFAR-10 has 10,000 test images; generated ones only measure speed, and slowly
+CIFAR_MEAN, CIFAR_STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 
 class MyTrainDataset(Dataset):
     """Synthetic regression data that a linear model can really learn.
 
-    Targets are a fixed linear function of the inputs plus small noise, all drawn from a
-    fixed seed: every rank builds identical data, so `DistributedSampler` can shard it
-    by index. The data is kept as two tensors; an item is a pair of views into them.
+    Targets are one fixed linear function of the inputs plus small noise. The function comes from
+    seed 0 and the inputs from `seed`: a validation set (another seed) tests the same function on
+    new inputs. Every rank builds identical data, so `DistributedSampler` can shard it by index.
+    The data is two tensors, and `__getitems__` (which DataLoader calls, when it exists, instead of
+    one `__getitem__` per sample) gathers a whole batch in one indexing operation.
     """
 
     def __init__(self, size: int, noise: float = 0.01, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
+        function = torch.Generator().manual_seed(0)
+        true_weight = torch.randn(IN_FEATURES, 1, generator=function)
+        true_bias = torch.randn(1, generator=function)
+        generator = torch.Generator().manual_seed(1 + seed)
         self.inputs = torch.randn(size, IN_FEATURES, generator=generator)
-        true_weight = torch.randn(IN_FEATURES, 1, generator=generator)
-        true_bias = torch.randn(1, generator=generator)
-        noise_term = noise * torch.randn(size, 1, generator=generator)
-        self.targets = self.inputs @ true_weight + true_bias + noise_term
+        self.targets = self.inputs @ true_weight + true_bias + noise * torch.randn(size, 1, generator=generator)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -48,51 +48,126 @@ class MyTrainDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[index], self.targets[index]
 
+    def __getitems__(self, indices: list[int]) -> "Batch":
+        batch = torch.tensor(indices)
+        return Batch((self.inputs[batch], self.targets[batch]))
 
-def cifar10(data_dir: str) -> Dataset:
-    """CIFAR-10's 50,000 training images, downloaded into `data_dir` once per node.
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to draw again each epoch: the toy has no augmentation."""
 
-    `data_dir` "fake": torchvision's FakeData with CIFAR-10's shapes (3x32x32, 10 classes) and a
-    fixed seed, for running offline. It holds 2048 random images: it measures speed, not learning.
+
+class Batch(tuple):
+    """A batch already gathered whole, which `collate` passes on as it is."""
+
+
+def collate(samples: Any) -> Any:
+    """DataLoader's collate_fn: a `Batch` as it is; a list of samples stacked, as by default."""
+    return tuple(samples) if isinstance(samples, Batch) else default_collate(samples)
+
+
+class AugmentedImages(Dataset):
+    """Training images with a random crop (4 pixels of padding) and a random horizontal flip.
+
+    Each image's draw is seeded by (seed, epoch, index): it differs from image to image and from
+    epoch to epoch, so no two ranks or loader workers repeat each other's draws, and it is the
+    same in every run, on any number of processes or workers, and after a resume. `set_epoch`
+    picks the epoch, as `DistributedSampler.set_epoch` does for the shuffle.
+    """
+
+    def __init__(self, images: Dataset, seed: int = 0):
+        self.images = images
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def draw(self, index: int) -> tuple[int, int, bool]:
+        """This image's crop offsets (0..8 each, 4 is the centre) and flip, this epoch."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
+        dx, dy, flip = torch.randint(0, 9, (3,), generator=generator).tolist()
+        return dx, dy, flip % 2 == 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.images[index]
+        dx, dy, flip = self.draw(index)
+        image = F.pad(image, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
+        return (image.flip(-1) if flip else image), label
+
+
+def cifar10(data_dir: str) -> tuple[Dataset, Dataset]:
+    """CIFAR-10's 50,000 training images (augmented) and its 10,000 test images, downloaded
+    into `data_dir` once per node.
+
+    `data_dir` "fake": torchvision's FakeData with CIFAR-10's shapes (3x32x32, 10 classes), for
+    running offline: it measures speed, not learning.
     """
     from torchvision import datasets, transforms  # only this workload needs torchvision
 
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))])
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
     if data_dir == "fake":
-        return datasets.FakeData(size=2048, image_size=(3, 32, 32), num_classes=10, transform=to_tensor, random_offset=0)
+        train = datasets.FakeData(FAKE_TRAIN_SIZE, (3, 32, 32), 10, transform=to_tensor, random_offset=0)
+        test = datasets.FakeData(FAKE_VAL_SIZE, (3, 32, 32), 10, transform=to_tensor, random_offset=FAKE_TRAIN_SIZE)
+        return AugmentedImages(train), test
     error = on_local_rank_zero_first(lambda: datasets.CIFAR10(data_dir, train=True, download=True))
     if error:
-        fail(f"could not get CIFAR-10 into {data_dir} ({error}); download it there by hand, or use --data_dir fake to train on generated images")
-    return datasets.CIFAR10(data_dir, train=True, transform=to_tensor)
+        cli.fail(f"could not get CIFAR-10 into {data_dir} ({error}); download it there by hand, or use --data_dir fake to train on generated images")
+    train = datasets.CIFAR10(data_dir, train=True, transform=to_tensor)
+    return AugmentedImages(train), datasets.CIFAR10(data_dir, train=False, transform=to_tensor)
 
 
-def load_train_objs(workload: str = "toy", data_dir: str = "./data") -> tuple[Dataset, torch.nn.Module, torch.optim.Optimizer]:
-    """The dataset, model and optimizer. Seeded, so every run starts from the same weights."""
+def load_train_objs(workload: str = "toy", data_dir: str = "./data") -> tuple[Dataset, Dataset, torch.nn.Module, torch.optim.Optimizer]:
+    """The training set, the validation set, the model and the optimizer.
+
+    Seeded, so every run starts from the same weights."""
     torch.manual_seed(0)
     if workload == "images":
         from torchvision.models import resnet18
 
         model = resnet18(num_classes=10)
-        return cifar10(data_dir), model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    train_set = MyTrainDataset(2048)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        return *cifar10(data_dir), model, optimizer
     model = torch.nn.Linear(IN_FEATURES, 1)
     # Momentum gives the optimizer real state: a resume that lost it would train differently.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    return train_set, model, optimizer
+    return MyTrainDataset(2048), MyTrainDataset(TOY_VAL_SIZE, seed=1), model, optimizer
 
 
-def loss_fn(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def loss_fn(output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy for class labels (images); mean squared error for real-valued targets (toy)."""
     if targets.dtype == torch.long:
-        return F.cross_entropy(output, targets)
-    return F.mse_loss(output, targets)
+        return F.cross_entropy(output, targets, reduction=reduction)
+    return F.mse_loss(output, targets, reduction=reduction)
 
 
-def count_correct(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """How many predictions in a batch hit their class label (0 for a regression); stays on the device."""
-    if targets.dtype != torch.long:
-        return torch.zeros((), device=output.device)
-    return (output.argmax(dim=1) == targets).sum().float()
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Any, device: str) -> torch.Tensor:
+    """Sums over `data`: [loss, samples] for a regression, [loss, samples, correct] for class labels.
+
+    Sums, not means, so that processes that each evaluated a shard can add theirs up exactly.
+    """
+    was_training = model.training
+    model.eval()
+    sums = None
+    for source, targets in data:
+        source = source.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        output = model(source)
+        batch = [loss_fn(output, targets, reduction="sum"), torch.tensor(len(targets), device=device)]
+        if targets.dtype == torch.long:
+            batch.append((output.argmax(dim=1) == targets).sum())
+        sums = torch.stack([value.double() for value in batch]) + (0 if sums is None else sums)
+    model.train(was_training)
+    return sums
+
+
+def metrics(sums: torch.Tensor) -> dict[str, float]:
+    """The validation loss (and accuracy, for class labels) from the sums `evaluate` returns."""
+    loss, samples, *correct = sums.tolist()
+    return {"val loss": loss / samples, **({"val accuracy": correct[0] / samples} if correct else {})}
 
 
 def on_local_rank_zero_first(work: Callable[[], Any]) -> str | None:
@@ -106,7 +181,7 @@ def on_local_rank_zero_first(work: Callable[[], Any]) -> str | None:
         try:
             work()
         except Exception as err:  # network, disk, checksum: reported in one line by the caller
-            error = brief(err, limit=400)
+            error = cli.brief(err, limit=400)
     if dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         failed = torch.tensor([float(error is not None)], device=device)
@@ -114,171 +189,3 @@ def on_local_rank_zero_first(work: Callable[[], Any]) -> str | None:
         if failed.item() and error is None:
             error = "another node could not get it"
     return error
-
-
-# ---------------------------------------------------------------- command line and errors
-
-
-def is_rank_zero() -> bool:
-    """True in the process that speaks for the job: rank 0 of the process group once there is one,
-    else what torchrun set in RANK (always true in a single process)."""
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
-def fail(message: str) -> NoReturn:
-    """Exit with a one-line error on stderr, printed once per job (by rank 0).
-
-    Raising SystemExit (rather than calling os._exit) lets `finally` blocks run, so the
-    process group is still destroyed on this path.
-    """
-    if is_rank_zero():
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(1)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line, once per job, and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        if is_rank_zero():
-            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-
-
-def add_workload_args(parser: argparse.ArgumentParser) -> None:
-    """--workload and --data_dir, the same in every step."""
-    parser.add_argument(
-        "--workload",
-        default="toy",
-        choices=["toy", "images"],
-        help="toy: a linear regression on synthetic data, done in seconds; images: ResNet-18 on CIFAR-10, "
-        "heavy enough for DDP's speedup to show (default: toy)",
-    )
-    parser.add_argument(
-        "--data_dir",
-        default="./data",
-        help="images: where CIFAR-10 is downloaded, or 'fake' for generated images of its shape, offline (default: ./data)",
-    )
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number greater than zero."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return value
-
-
-def resolve_device(choice: str, allow_mps: bool = False) -> str:
-    """Turn --device {auto,cuda,mps,cpu} into a device type this machine really has.
-
-    auto: CUDA when a GPU is visible, else Apple's MPS where `allow_mps` (step 1 only:
-    DDP has no MPS backend), else CPU.
-    """
-    if choice == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if allow_mps and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
-    if choice == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps was asked for, but MPS is not available; use --device cpu")
-    return choice
-
-
-def check_writable_folder(path: str) -> None:
-    """Fail now, before any training, if `path` could not be written later."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        fail(f"cannot save {path}: folder {folder} does not exist; create it or choose another path")
-    try:  # a real write: os.access says yes to root even on a read-only file system
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        fail(f"cannot save {path}: folder {folder} is not writable ({err.strerror}); choose another path")
-
-
-# ---------------------------------------------------------------- snapshot files
-
-
-class SnapshotError(Exception):
-    """A snapshot file that cannot be used; the message says which file and what to do."""
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save `obj` to `path` so that a crash at any moment leaves the old file or the new one.
-
-    Write a temporary file in the same folder (same file system, so the rename is atomic),
-    flush it to disk, then rename it over the old file and sync the folder entry. One process
-    writes each path, so temporary files of this path are leftovers of a writer that was killed
-    mid-save, and are removed first.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix = os.path.basename(path) + "."
-    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
-        os.remove(stale)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            torch.save(obj, tmp_file)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:  # also on SIGTERM (SystemExit): never leave a half-written temp file
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def read_snapshot(path: str, map_location: str | torch.device, required_keys: tuple[str, ...] = SNAPSHOT_KEYS) -> dict[str, Any]:
-    """Load a snapshot written by `atomic_save`, refusing anything else.
-
-    `weights_only=True` unpickles tensors and plain containers only: a planted pickle that
-    would run code on load is rejected instead of executed.
-    """
-    fix = f"move {path} away (or pass another --snapshot_path) to start from scratch"
-    try:
-        snapshot = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "GLOBAL" in str(err):  # the pickle names a function or class to call: refused
-            raise SnapshotError(
-                f"{path} holds Python objects other than tensors, which could run code when loaded, "
-                f"so it was not loaded; {fix}"
-            ) from None
-        raise SnapshotError(f"{path} is not a readable snapshot (damaged, or not written by torch.save); {fix}") from None
-    except Exception as err:  # corrupt, truncated or not a torch file at all
-        raise SnapshotError(f"{path} is not a readable snapshot ({brief(err)}); {fix}") from None
-    if not isinstance(snapshot, dict) or not all(key in snapshot for key in required_keys):
-        raise SnapshotError(f"{path} is not a snapshot of this program (expected keys {', '.join(required_keys)}); {fix}")
-    return snapshot
-
-
-def brief(err: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line, short enough for a one-line error."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def restore_snapshot(snapshot: dict[str, Any], path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Copy a snapshot's states into `model` and `optimizer`; return the number of epochs it had run."""
-    try:
-        model.load_state_dict(snapshot["MODEL_STATE"])
-        optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise SnapshotError(
-            f"{path} was saved from a different model or optimizer ({brief(err)}); "
-            f"move {path} away (or pass another --snapshot_path) to start from scratch"
-        ) from None
-    return int(snapshot["EPOCHS_RUN"])

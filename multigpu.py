@@ -1,17 +1,13 @@
-"""Step 2: the same Trainer under DistributedDataParallel, one process per device.
+"""Step 2: DDP, one process per device.  Run: python multigpu.py [total_epochs save_every]
 
-    python multigpu.py 50 10                  # every visible GPU, or 2 CPU processes without one
-    python multigpu.py 50 10 --world_size 4
-
-New in this step: `torch.multiprocessing.spawn` starts the processes, each joins a process
-group, `DistributedSampler` gives each a different shard of the data, and DDP averages the
-gradients across processes in every backward pass.
+New: mp.spawn starts a process per GPU (2 on CPU), each joins a process group, DistributedSampler
+gives each a shard of the data, and DDP averages the gradients in every backward pass.
 """
 
+import argparse
+import datetime
 import gc
 import os
-import socket
-import time
 
 import torch
 import torch.distributed as dist
@@ -21,20 +17,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+import cli
 import datautils
+import launch
+import snapshots
 from datautils import load_train_objs, loss_fn
+from report import Report
 
 CHECKPOINT_PATH = "checkpoint.pt"
 
 
-def ddp_setup(rank: int, world_size: int, device: str) -> None:
+def ddp_setup(rank: int, world_size: int, device: str, timeout: datetime.timedelta | None) -> None:
     """Join the process group: NCCL between GPUs, gloo between CPU processes."""
+    launch.spawned_worker(world_size)  # dies with its parent; takes its share of the CPU cores
     if device == "cuda":
         torch.cuda.set_device(rank)  # before init, so NCCL and this process use GPU `rank` only
-    else:
-        # torchrun sets one thread per process; mp.spawn does not, so share the cores here.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+    init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size, timeout=timeout)
 
 
 class Trainer:
@@ -42,133 +40,102 @@ class Trainer:
         self,
         model: torch.nn.Module,
         train_data: DataLoader,
+        val_data: DataLoader,
         optimizer: torch.optim.Optimizer,
         rank: int,
         device: str,
         save_every: int,
+        tensorboard_dir: str | None,
     ) -> None:
         self.rank = rank
         self.device = f"cuda:{rank}" if device == "cuda" else device
         # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
         self.model = DDP(model.to(self.device), device_ids=[rank] if device == "cuda" else None, gradient_as_bucket_view=True)
         self.train_data = train_data
+        self.val_data = val_data
         self.optimizer = optimizer
         self.save_every = save_every
+        self.report = Report(self.model, optimizer, self.device, tensorboard_dir)  # epoch lines, step-time split, TensorBoard
 
-    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        output = self.model(source)
-        loss = loss_fn(output, targets)
+        loss = loss_fn(self.model(source), targets)
         loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with backward
         self.optimizer.step()
-        return loss.detach(), datautils.count_correct(output, targets)
+        return loss.detach()
 
-    def _run_epoch(self, epoch: int, max_epochs: int) -> None:
-        start = time.perf_counter()
+    def _run_epoch(self, epoch: int) -> float:
         self.train_data.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        loss_sum = torch.zeros((), device=self.device)  # these stay on the device: no host sync per step
-        correct = torch.zeros((), device=self.device)
+        self.train_data.dataset.set_epoch(epoch)  # new random augmentations each epoch, the same in every run
+        loss_sum = torch.zeros((), device=self.device)  # stays on the device: no wait for the GPU per step
         samples = 0
-        for source, targets in self.train_data:
+        for source, targets in self.report.timed(self.train_data):  # times each wait for a batch
             source = source.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            loss, batch_correct = self._run_batch(source, targets)
-            loss_sum += loss * len(source)
-            correct += batch_correct
+            loss_sum += self._run_batch(source, targets) * len(source)
             samples += len(source)
-        # One all-reduce per epoch turns each rank's sums into the mean loss and accuracy over all ranks.
-        totals = torch.stack([loss_sum, correct, torch.tensor(float(samples), device=self.device)])
-        dist.all_reduce(totals)
-        mean_loss, accuracy = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-        if self.rank == 0:
-            accuracy_text = f" | accuracy {accuracy:.1%}" if targets.dtype == torch.long else ""  # class labels
-            print(
-                f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | steps {len(self.train_data)} | "
-                f"batch {self.train_data.batch_size} x {dist.get_world_size()} ranks | loss {mean_loss:.6f}{accuracy_text} | "
-                f"{time.perf_counter() - start:.3f}s",
-                flush=True,
-            )
+        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device)])
+        dist.all_reduce(totals)  # one all-reduce per epoch: the sums over all ranks give the job's mean loss
+        return (totals[0] / totals[1]).item()
+
+    def _evaluate(self) -> dict[str, float]:
+        # The model inside DDP: DDP's forward syncs each batch, and unequal shards would hang in it.
+        sums = datautils.evaluate(self.model.module, self.val_data, self.device)  # loss, samples (and correct)
+        dist.all_reduce(sums)  # the sums of all shards: every held-out sample counted exactly once
+        return datautils.metrics(sums)
 
     def _save_checkpoint(self, epoch: int) -> None:
-        # .module is the model inside DDP: the checkpoint loads without DDP too.
-        datautils.atomic_save(self.model.module.state_dict(), CHECKPOINT_PATH)
+        snapshots.atomic_save(self.model.module.state_dict(), CHECKPOINT_PATH)  # .module: the model inside DDP
         print(f"Epoch {epoch + 1} | checkpoint saved at {CHECKPOINT_PATH}", flush=True)
 
     def train(self, max_epochs: int) -> None:
         for epoch in range(max_epochs):
-            self._run_epoch(epoch, max_epochs)
-            # Every rank holds the same weights; rank 0 alone writes them.
-            if self.rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
-                self._save_checkpoint(epoch)
+            loss = self._run_epoch(epoch)
+            val = self._evaluate()
+            if self.rank == 0:  # every rank holds the same weights: rank 0 alone speaks and writes
+                self.report.epoch(epoch, max_epochs, self.train_data.batch_size, loss, val)
+                if (epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs:
+                    self._save_checkpoint(epoch)
 
 
-def prepare_dataloader(dataset: Dataset, batch_size: int) -> DataLoader:
+def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train: bool = True) -> DataLoader:
+    # Training: a new shuffled shard per rank each epoch. Evaluation: every world_size-th sample, none padded in.
+    sampler = DistributedSampler(dataset) if train else range(dist.get_rank(), len(dataset), dist.get_world_size())
     return DataLoader(
         dataset,
         batch_size=batch_size,
         pin_memory=torch.cuda.is_available(),
         shuffle=False,  # the sampler shuffles
-        sampler=DistributedSampler(dataset),
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=datautils.collate,  # takes the toy's batches whole
     )
 
 
-def main(rank: int, world_size: int, device: str, total_epochs: int, save_every: int, batch_size: int, workload: str, data_dir: str) -> None:
-    ddp_setup(rank, world_size, device)
-    try:
-        train_set, model, optimizer = load_train_objs(workload, data_dir)
-        train_data = prepare_dataloader(train_set, batch_size)
-        trainer = Trainer(model, train_data, optimizer, rank, device, save_every)
-        trainer.train(total_epochs)
-    finally:
-        # Drop DDP, and the model and optimizer whose tensors it shares, before the process group
-        # it uses: otherwise the process may abort at exit ("terminate called without an active exception").
-        trainer = model = optimizer = None
-        gc.collect()
-        destroy_process_group()
-
-
-def free_port() -> str:
-    """A TCP port that is free now, so two jobs on one host do not collide on a fixed port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
+def main(rank: int, world_size: int, device: str, args: argparse.Namespace) -> None:
+    ddp_setup(rank, world_size, device, args.timeout)
+    train_set, val_set, model, optimizer = load_train_objs(args.workload, args.data_dir)
+    if args.sync_bn:  # BatchNorm statistics over the batch of all ranks, not each rank's own part
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_data = prepare_dataloader(train_set, args.batch_size, args.num_workers)
+    val_data = prepare_dataloader(val_set, args.batch_size, args.num_workers, train=False)
+    trainer = Trainer(model, train_data, val_data, optimizer, rank, device, args.save_every, args.tensorboard_dir)
+    trainer.train(args.total_epochs)
+    trainer = model = optimizer = None  # release DDP before its process group, or the process may abort at exit
+    gc.collect()
+    destroy_process_group()
 
 
 if __name__ == "__main__":
-    parser = datautils.ArgumentParser(description="Step 2: DDP on one machine, processes started by mp.spawn.")
-    parser.add_argument("total_epochs", type=datautils.positive_int, help="how many epochs to train")
-    parser.add_argument("save_every", type=datautils.positive_int, help="save a checkpoint every this many epochs (and after the last)")
-    parser.add_argument("--batch_size", default=32, type=datautils.positive_int, help="input batch size on each process (default: 32)")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cuda", "cpu"],
-        help="where to train; auto picks CUDA when a GPU is visible, else CPU (default: auto)",
-    )
-    parser.add_argument(
-        "--world_size",
-        type=datautils.positive_int,
-        help="how many processes; default: every visible GPU, or 2 on CPU",
-    )
-    datautils.add_workload_args(parser)
+    parser = cli.ArgumentParser(description=__doc__)
+    cli.add_training_args(parser)
+    parser.add_argument("--world_size", type=cli.positive_int, help="how many processes; default: every visible GPU, or 2 on CPU")
     args = parser.parse_args()
 
-    device = datautils.resolve_device(args.device)
-    gpus = torch.cuda.device_count() if device == "cuda" else 0
-    world_size = args.world_size or gpus or 2
-    if device == "cuda" and world_size > gpus:
-        datautils.fail(f"--world_size {world_size} needs {world_size} GPUs but {gpus} are visible; use --world_size {gpus} or fewer")
-    datautils.check_writable_folder(CHECKPOINT_PATH)
-    # The spawned processes meet at MASTER_ADDR:MASTER_PORT; keep them if the caller set them.
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", free_port())
-    try:
-        mp.spawn(
-            main,
-            args=(world_size, device, args.total_epochs, args.save_every, args.batch_size, args.workload, args.data_dir),
-            nprocs=world_size,
-        )
-    except mp.ProcessExitedException as err:
-        if err.exit_code > 0:  # an error the processes have already reported
-            raise SystemExit(err.exit_code) from None
-        datautils.fail(f"process {err.error_index} was killed by signal {-err.exit_code}")
+    device = cli.resolve_device(args)
+    world_size = launch.world_size(args.world_size, device)
+    snapshots.check_writable_folder(CHECKPOINT_PATH)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # where the processes meet, unless the caller set it
+    os.environ.setdefault("MASTER_PORT", launch.free_port())
+    with launch.spawn_failures_reported():  # a process killed by a signal is named in one line
+        mp.spawn(main, args=(world_size, device, args), nprocs=world_size)

@@ -12,27 +12,16 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+from mingpt.config import DataConfig
 
 
 class DataError(Exception):
     """The text cannot be had or used; the message says what failed and how to fix it."""
-
-
-@dataclass
-class DataConfig:
-    path: str = TINY_SHAKESPEARE_URL  # a local file, or an http(s) URL downloaded once per node
-    sha256: str = ""  # checked for downloads when set
-    cache_dir: str = "data"  # where downloads are kept
-    block_size: int = 128  # characters of context
-    train_split: float = 0.9  # the first 90% of the text trains, the rest tests
-    truncate: float = 1.0  # use only this leading fraction of the text
 
 
 def is_url(path: str) -> bool:

@@ -8,27 +8,12 @@ ever sees positions <= t, and PyTorch picks a fused (flash) kernel where it can.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-
-@dataclass
-class GPTConfig:
-    n_layer: int = 8
-    n_head: int = 8
-    n_embd: int = 512
-    dropout: float = 0.1
-    vocab_size: int = 0  # set from the data, not from the YAML
-    block_size: int = 0  # set from data_config.block_size
-
-
-@dataclass
-class OptimizerConfig:
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.1
+from mingpt.config import GPTConfig, OptimizerConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -38,7 +23,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value in one matmul
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)  # writes into the residual stream
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,18 +36,24 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)  # writes into the residual stream
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.GELU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.dropout),
-        )
+        self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -82,10 +73,10 @@ class GPT(nn.Module):
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying, as in GPT-2: one matrix reads and writes tokens
         self.apply(self._init_weights)
-        # GPT-2: scale the projections that feed the residual stream by 1/sqrt(2 * n_layer).
-        for name, param in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        for block in self.blocks:
+            for projection in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -1,46 +1,38 @@
-"""Train a GPT with DDP: mixed precision, gradient accumulation, exact snapshots, logging.
+"""Train a GPT with DDP: a global batch on any number of processes, mixed precision, gradient
+accumulation, a learning-rate schedule, and exact snapshots.
 
-Snapshots record the step inside the epoch and every rank's random state, so a resumed run
-continues exactly where the snapshot was taken: on CPU it ends bit-identical to a run that
-was never interrupted.
+Each epoch trains on one shuffled order of all training windows, the same whatever the number
+of processes. An optimizer step takes the next `global batch` windows of that order; each process
+takes its share of them, in micro-batches. So a step sees the same windows on 1, 2 or 4
+processes, and the snapshot records the position as windows of the order done: a resume on any
+number of processes continues with exactly the windows not yet trained. With the same number of
+processes it also restores every rank's random state, and on CPU ends bit-identical to a run
+that was never interrupted.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import signal
-import sys
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-import datautils
-from char_dataset import CharDataset
+import cli
+import snapshots
+from mingpt.char_dataset import CharDataset
+from mingpt.config import OptimizerConfig, TrainerConfig
+from mingpt.report import RunReport
 
-# Dense bf16 peak FLOP/s of the cards we measure MFU against.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-@dataclass
-class TrainerConfig:
-    max_epochs: int = 10
-    batch_size: int = 216  # per process and micro-step
-    grad_accum_steps: int = 1  # micro-steps per optimizer step
-    grad_norm_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32), bf16, fp16 or fp32
-    compile: bool = False  # torch.compile the model
-    snapshot_path: str = "gpt_snapshot.pt"
-    save_every: int = 3  # epochs
-    log_every: int = 10  # optimizer steps
-    metrics_path: str = "gpt_metrics.jsonl"  # one JSON object per log line, appended
-    seed: int = 1337
+SNAPSHOT_KEYS = (
+    "MODEL_STATE", "OPTIMIZER_STATE", "SCALER_STATE", "SCHEDULER_STATE", "EPOCHS_RUN", "WINDOWS_DONE",
+    "GLOBAL_STEP", "RNG_STATES", "VOCAB", "CONFIG",
+)  # fmt: skip
 
 
 def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
@@ -49,6 +41,39 @@ def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
         use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if use_bf16 else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def batch_plan(config: TrainerConfig, world_size: int) -> tuple[int, int, int]:
+    """(global batch, micro-batch, accumulation steps) for this many processes.
+
+    With trainer_config.global_batch_size, each process takes global / world_size windows per
+    step, in as few micro-batches of at most batch_size as divide that share evenly.
+    """
+    if not config.global_batch_size:
+        return config.batch_size * world_size * config.grad_accum_steps, config.batch_size, config.grad_accum_steps
+    share, remainder = divmod(config.global_batch_size, world_size)
+    if remainder:
+        counts = [n for n in range(1, config.global_batch_size + 1) if config.global_batch_size % n == 0]
+        cli.fail(
+            f"trainer_config.global_batch_size={config.global_batch_size} cannot be shared by {world_size} processes; "
+            f"run on {', '.join(map(str, counts[:12]))}{' ...' if len(counts) > 12 else ''} processes, or change it"
+        )
+    accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= config.batch_size)
+    return config.global_batch_size, share // accum, accum
+
+
+def lr_schedule(config: OptimizerConfig, total_steps: int):
+    """The factor of the peak learning rate at each optimizer step: linear warm-up from 0, then a
+    cosine decay to min_lr at the last step (as in nanoGPT)."""
+    floor = config.min_lr / config.learning_rate
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 class StopRequest:
@@ -80,6 +105,7 @@ class Trainer:
         config: TrainerConfig,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
+        optimizer_config: OptimizerConfig,
         train_set: CharDataset,
         test_set: CharDataset,
         snapshot: dict[str, Any] | None,
@@ -97,72 +123,95 @@ class Trainer:
         self.train_set = train_set
         self.test_set = test_set
         self.extra_state = extra_state  # saved with every snapshot: vocabulary and config
+        self.global_batch, self.micro_batch, self.accum = batch_plan(config, self.world_size)
+        self.steps_per_epoch = len(train_set) // self.global_batch  # whole steps only: the rest of the order waits for the next epoch
+        if self.steps_per_epoch == 0:
+            cli.fail(f"{len(train_set):,} training windows cannot fill one global batch of {self.global_batch:,}; use more text or smaller batches")
+        factor = lr_schedule(optimizer_config, config.max_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         dtype = autocast_dtype(config.precision, self.device_type)
         self.autocast = torch.autocast(self.device_type, dtype=dtype) if dtype else nullcontext()
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
-        self.sampler = DistributedSampler(train_set, seed=config.seed)  # same shuffle on every rank
         self.epochs_run = 0
-        self.step_in_epoch = 0  # optimizer steps done in the current epoch
-        self.bar_open = False  # rank 0 has drawn a progress bar on the terminal's current line
+        self.windows_done = 0  # of the current epoch's order, by all processes
+        self.global_step = 0  # optimizer steps since the start of training
+        self.writes_snapshot = snapshots.writes_copy(config.snapshot_path)  # each node's local rank 0; one per shared folder
+        self.report = RunReport(config, device, model.flops_per_token(), self.global_batch * train_set.block_size)
         if snapshot is not None:
             self._load_snapshot(snapshot)
         # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
         self.model = DDP(self.raw_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None, gradient_as_bucket_view=True)
+        self.report.watch(self.model, optimizer, self.global_step)
         if config.compile:
             self.model = torch.compile(self.model)
         self.stop = StopRequest()
-        self.metrics = open(config.metrics_path, "a") if self.global_rank == 0 else None
-        self.flops_per_token = model.flops_per_token()
-        name = torch.cuda.get_device_name(self.device) if self.device_type == "cuda" else ""
-        self.peak_flops = next((flops for card, flops in PEAK_BF16_FLOPS.items() if card in name), None)
 
     # ------------------------------------------------------------------ snapshots
 
     def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
         path = self.config.snapshot_path
-        datautils.restore_snapshot(snapshot, path, self.raw_model, self.optimizer)
+        snapshots.restore(snapshot, path, self.raw_model, self.optimizer)
         self.scaler.load_state_dict(snapshot["SCALER_STATE"])
-        self.epochs_run = snapshot["EPOCHS_RUN"]
-        self.step_in_epoch = snapshot["STEP_IN_EPOCH"]
+        self.scheduler.load_state_dict(snapshot["SCHEDULER_STATE"])
+        self.epochs_run, self.windows_done, self.global_step = snapshot["EPOCHS_RUN"], snapshot["WINDOWS_DONE"], snapshot["GLOBAL_STEP"]
         rng_states = snapshot["RNG_STATES"]
+        self.report.log(f"Resuming from {path}: {self.epochs_run} epochs + {self.windows_done:,} windows done")
+        if self.windows_done % self.global_batch:
+            cli.fail(
+                f"{path} stopped {self.windows_done:,} windows into its epoch, which is no whole number of global batches "
+                f"of {self.global_batch:,}; resume it with trainer_config.global_batch_size set as when it was saved"
+            )
         if len(rng_states) == self.world_size:  # same world size: continue each rank's random stream
             torch.set_rng_state(rng_states[self.global_rank]["cpu"])
             if self.device_type == "cuda" and rng_states[self.global_rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(rng_states[self.global_rank]["cuda"])
-        self._log(f"Resuming from {path}: {self.epochs_run} epochs + {self.step_in_epoch} steps done")
+        else:
+            self.report.log(
+                f"Note: saved by {len(rng_states)} processes, resumed by {self.world_size}: the data go on exactly where they "
+                "stopped, but the random draws (dropout) start afresh from the seed"
+            )
 
     def _save_snapshot(self) -> None:
-        """Collective: every rank sends its random state to rank 0, which writes the file."""
+        """Collective: every rank sends its random state to the writers of the snapshot's copies (one per node)."""
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device_type == "cuda" else None}
-        rng_states = [None] * self.world_size if self.global_rank == 0 else None
-        dist.gather_object(rng, rng_states, dst=0)
-        if self.global_rank != 0:
+        rng_states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(rng_states, rng)
+        if not self.writes_snapshot:
             return
         snapshot = {
             "MODEL_STATE": self.raw_model.state_dict(),
             "OPTIMIZER_STATE": self.optimizer.state_dict(),
             "SCALER_STATE": self.scaler.state_dict(),
+            "SCHEDULER_STATE": self.scheduler.state_dict(),
             "EPOCHS_RUN": self.epochs_run,  # completed epochs
-            "STEP_IN_EPOCH": self.step_in_epoch,  # optimizer steps done in the epoch after those
+            "WINDOWS_DONE": self.windows_done,  # of the next epoch's order, by all processes together
+            "GLOBAL_STEP": self.global_step,
             "RNG_STATES": rng_states,
             **self.extra_state,
         }
-        datautils.atomic_save(snapshot, self.config.snapshot_path)
-        self._log(f"Snapshot saved at {self.config.snapshot_path}: {self.epochs_run} epochs + {self.step_in_epoch} steps done")
+        snapshots.atomic_save(snapshot, self.config.snapshot_path)
+        self.report.log(f"Snapshot saved at {self.config.snapshot_path}: {self.epochs_run} epochs + {self.windows_done:,} windows done")
 
     # ------------------------------------------------------------------ training
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """All training windows in this epoch's shuffled order: the same on every rank and for any world size."""
+        generator = torch.Generator().manual_seed(self.config.seed + epoch)
+        return torch.randperm(len(self.train_set), generator=generator)
+
     def _batches(self, epoch: int) -> DataLoader:
-        """This rank's micro-batches for `epoch`, from the current step on (all of them unless resuming)."""
-        self.sampler.set_epoch(epoch)
-        starts = list(BatchSampler(self.sampler, self.config.batch_size, drop_last=True))
-        accum = self.config.grad_accum_steps
-        usable = len(starts) // accum * accum  # whole optimizer steps only
+        """This rank's micro-batches for the rest of `epoch`: of each step's global batch, its share."""
+        order = self._epoch_order(epoch)
+        share = self.global_batch // self.world_size
+        micro_batches = []
+        for start in range(self.windows_done, self.steps_per_epoch * self.global_batch, self.global_batch):
+            mine = order[start + self.global_rank * share : start + (self.global_rank + 1) * share]
+            micro_batches += list(mine.split(self.micro_batch))
         return DataLoader(
             self.train_set,
-            batch_size=None,  # the dataset gathers a whole batch of windows per index list
-            sampler=starts[self.step_in_epoch * accum : usable],
+            batch_size=None,  # the dataset gathers a whole micro-batch of windows per index list
+            sampler=micro_batches,
             pin_memory=self.device_type == "cuda",
             generator=torch.Generator(),  # keeps the DataLoader from drawing on the global RNG
         )
@@ -173,7 +222,7 @@ class Trainer:
         with self.model.no_sync() if not sync else nullcontext():
             with self.autocast:
                 _, loss = self.model(source, targets)
-            self.scaler.scale(loss / self.config.grad_accum_steps).backward()
+            self.scaler.scale(loss / self.accum).backward()
         return loss.detach()
 
     def _optimizer_step(self) -> torch.Tensor:
@@ -182,35 +231,30 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_norm_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     def _run_epoch(self, epoch: int) -> None:
-        accum = self.config.grad_accum_steps
-        batches = self._batches(epoch)
-        steps_in_epoch = self.step_in_epoch + len(batches) // accum
-        tokens_per_step = self.config.batch_size * accum * self.world_size * self.train_set.block_size
-        last_log, steps_since_log = time.perf_counter(), 0
         step_loss = torch.zeros((), device=self.device)  # mean over the step's micro-batches, on the device
-        for micro_step, (source, targets) in enumerate(batches, start=1):
+        for micro_step, (source, targets) in enumerate(self.report.timed(self._batches(epoch)), start=1):
             source = source.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            step_loss += self._run_batch(source, targets, sync=micro_step % accum == 0) / accum
-            if micro_step % accum:
+            step_loss += self._run_batch(source, targets, sync=micro_step % self.accum == 0) / self.accum
+            if micro_step % self.accum:
                 continue
+            lr = self.scheduler.get_last_lr()[0]
             grad_norm = self._optimizer_step()
-            self.step_in_epoch += 1
-            steps_since_log += 1
-            if self.step_in_epoch % self.config.log_every == 0 or self.step_in_epoch == steps_in_epoch:
-                loss_value = step_loss.item()  # the loop's only wait for the GPU
-                now = time.perf_counter()
-                self._log_step(epoch, steps_in_epoch, loss_value, grad_norm.item(), steps_since_log * tokens_per_step / (now - last_log))
-                last_log, steps_since_log = now, 0
+            self.windows_done += self.global_batch
+            self.global_step += 1
+            step = self.windows_done // self.global_batch
+            if step % self.config.log_every == 0 or step == self.steps_per_epoch:
+                self.report.step(epoch, step, self.steps_per_epoch, self.global_step, step_loss, grad_norm, lr)
             step_loss.zero_()
             signum = self.stop.agreed()
             if signum:
                 self._save_snapshot()
-                self._log(f"Stopping on {signal.Signals(signum).name}")
+                self.report.log(f"Stopping on {signal.Signals(signum).name}")
                 # A warning (SIGUSR1) ends the job: exit 0. SIGTERM is a failure, which torchrun may restart.
                 raise SystemExit(0 if signum == signal.SIGUSR1 else 128 + signum)
 
@@ -230,42 +274,15 @@ class Trainer:
         return (totals[0] / totals[1]).item()
 
     def train(self) -> None:
+        self.report.log(
+            f"Global batch {self.global_batch} windows = {self.world_size} processes x {self.accum} micro-batches "
+            f"of {self.micro_batch}; {self.steps_per_epoch} steps per epoch"
+        )
         for epoch in range(self.epochs_run, self.config.max_epochs):
-            start = time.perf_counter()
             self._run_epoch(epoch)
             test_loss = self._evaluate()
-            self.epochs_run, self.step_in_epoch = epoch + 1, 0
-            self._log(f"Epoch {epoch + 1}/{self.config.max_epochs} | test loss {test_loss:.4f} | {time.perf_counter() - start:.1f}s")
-            self._write_metrics({"epoch": epoch + 1, "test_loss": test_loss})
+            self.epochs_run, self.windows_done = epoch + 1, 0
+            self.report.epoch(epoch, self.global_step, test_loss)
             if self.epochs_run % self.config.save_every == 0 or self.epochs_run == self.config.max_epochs:
                 self._save_snapshot()
-
-    # ------------------------------------------------------------------ output (rank 0)
-
-    def _log(self, line: str) -> None:
-        if self.global_rank == 0:
-            print(("\n" if self.bar_open else "") + line, flush=True)
-            self.bar_open = False
-
-    def _log_step(self, epoch: int, steps_in_epoch: int, loss: float, grad_norm: float, tokens_per_s: float) -> None:
-        if self.global_rank != 0:
-            return
-        mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
-        line = (
-            f"epoch {epoch + 1} | step {self.step_in_epoch}/{steps_in_epoch} | loss {loss:.4f} | "
-            f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
-        )
-        if sys.stdout.isatty():  # a progress bar redrawn in place; plain lines for logs and Slurm
-            done = int(30 * self.step_in_epoch / steps_in_epoch)
-            print(f"\r[{'#' * done}{'.' * (30 - done)}] {line}\033[K", end="", flush=True)  # K: clear the rest
-            self.bar_open = True
-        else:
-            print(line, flush=True)
-        self._write_metrics(
-            {"epoch": epoch + 1, "step": self.step_in_epoch, "loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
-        )
-
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.metrics is not None:
-            self.metrics.write(json.dumps({"time": time.time(), **record}) + "\n")
-            self.metrics.flush()
+        self.report.close()

@@ -5,19 +5,19 @@ import signal
 import sys
 import time
 
-import datautils
+import snapshots
 from conftest import REPO, Job
 
 # Writes two alternating 8 MB snapshots to the same path as fast as it can.
 WRITER = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-import datautils
+import snapshots
 versions = [{{"MODEL_STATE": {{"w": torch.full((2_000_000,), float(i))}}, "OPTIMIZER_STATE": {{}}, "EPOCHS_RUN": i}} for i in (1, 2)]
-datautils.atomic_save(versions[0], sys.argv[1])
+snapshots.atomic_save(versions[0], sys.argv[1])
 print("writing", flush=True)
 for n in range(10**9):
-    datautils.atomic_save(versions[n % 2], sys.argv[1])
+    snapshots.atomic_save(versions[n % 2], sys.argv[1])
 """
 
 
@@ -33,10 +33,10 @@ def test_sigkill_during_saves_never_leaves_a_broken_snapshot(tmp_path):
             job.wait(timeout=30)
         finally:
             job.stop()
-        snapshot = datautils.read_snapshot(str(path), "cpu")
+        snapshot = snapshots.read(str(path), "cpu")
         weights = snapshot["MODEL_STATE"]["w"]
         assert snapshot["EPOCHS_RUN"] in (1, 2)
         assert bool((weights == snapshot["EPOCHS_RUN"]).all()), "a snapshot mixed two versions"
     # Each kill may leave one temporary file; the next save clears it.
-    datautils.atomic_save(snapshot, str(path))
+    snapshots.atomic_save(snapshot, str(path))
     assert [p.name for p in tmp_path.glob("snapshot.pt*")] == ["snapshot.pt"]

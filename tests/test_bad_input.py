@@ -20,12 +20,13 @@ NO_GPU = not torch.cuda.is_available()
         ("single_gpu.py", ["10", "-1"], "save_every: must be greater than 0"),
         ("single_gpu.py", ["ten", "10"], "expected a whole number, got 'ten'"),
         ("single_gpu.py", ["10", "10", "--batch_size", "0"], "--batch_size: must be greater than 0"),
-        ("single_gpu.py", ["10"], "the following arguments are required: save_every"),
+        ("single_gpu.py", ["10", "10", "--num_workers", "-1"], "--num_workers: must be 0 or more, got -1"),
         ("single_gpu.py", ["5", "5", "--device", "tpu"], "invalid choice: 'tpu'"),
         ("multigpu.py", ["5", "5", "--world_size", "0"], "--world_size: must be greater than 0"),
         ("multigpu.py", ["5", "5", "--batch_size", "x"], "expected a whole number, got 'x'"),
-        ("multigpu_torchrun.py", ["5", "5"], "torchrun --standalone --nproc_per_node=gpu multigpu_torchrun.py 50 10"),
-        ("multinode.py", ["5", "5"], "torchrun --nnodes=2 --nproc_per_node=gpu"),
+        ("multigpu_torchrun.py", ["5", "5"], "launched by torchrun, not python: torchrun --standalone --nproc_per_node=gpu multigpu_torchrun.py"),
+        ("multinode.py", ["5", "5"], "launched by torchrun, not python: torchrun --nnodes=2 --nproc_per_node=gpu"),
+        ("multigpu.py", ["5", "5", "--sync_bn"], "--sync_bn needs --workload images"),
         pytest.param("multigpu.py", ["5", "5", "--device", "cuda"], "no CUDA GPU is visible", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is present")),
     ],
 )
@@ -67,7 +68,7 @@ def test_bad_arguments_under_torchrun_are_reported_once(tmp_path, script, args, 
 
 
 def real_snapshot_bytes(model: torch.nn.Module | None = None) -> bytes:
-    _, default_model, optimizer = datautils.load_train_objs()
+    *_, default_model, optimizer = datautils.load_train_objs()
     model = model or default_model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(4, model.in_features)).sum().backward()

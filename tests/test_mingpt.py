@@ -21,11 +21,10 @@ import torch
 
 from conftest import REPO, free_port, python_cmd, run, snapshot_tensors, torchrun_cmd
 
-sys.path.insert(0, str(REPO / "mingpt"))
-import char_dataset  # noqa: E402
-from char_dataset import DataConfig, DataError  # noqa: E402
-from main import ConfigError, load_config  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from mingpt import char_dataset
+from mingpt.char_dataset import DataError
+from mingpt.config import ConfigError, DataConfig, GPTConfig, load_config
+from mingpt.model import GPT
 
 TINY_MODEL = [
     "gpt_config.n_layer=1", "gpt_config.n_head=2", "gpt_config.n_embd=32", "gpt_config.dropout=0.1",
@@ -109,10 +108,10 @@ def test_corpus_is_encoded_once_and_split_at_one_point():
 
 def test_overrides_are_typed_and_applied():
     configs = load_config(REPO / "mingpt/gpt2_train_cfg.yaml", ["trainer_config.max_epochs=5", "optimizer_config.learning_rate=1e-3", "data_config.sha256="])
-    assert configs["trainer_config"].max_epochs == 5
-    assert configs["optimizer_config"].learning_rate == 1e-3
-    assert configs["data_config"].sha256 == ""
-    assert configs["gpt_config"].n_layer == 8 and configs["trainer_config"].batch_size == 216  # the defaults
+    assert configs.trainer.max_epochs == 5
+    assert configs.optimizer.learning_rate == 1e-3
+    assert configs.data.sha256 == ""
+    assert configs.gpt.n_layer == 8 and configs.trainer.batch_size == 216  # the defaults of the YAML file
 
 
 @pytest.mark.parametrize(
@@ -274,7 +273,7 @@ def test_killed_mid_epoch_resumes_bit_identical(tmp_path, jobs, corpus, uninterr
     if sig == signal.SIGTERM:  # finishes the step, saves exactly there, and resumes from that step
         assert "Stopping on SIGTERM" in output
         assert "Resuming from gpt_snapshot.pt: 1 epochs + " in output
-        assert "Resuming from gpt_snapshot.pt: 1 epochs + 0 steps" not in output
+        assert "Resuming from gpt_snapshot.pt: 1 epochs + 0 windows" not in output
     else:
         assert "Resuming from gpt_snapshot.pt: " in output
     assert_same_training(tmp_path / "gpt_snapshot.pt", uninterrupted)

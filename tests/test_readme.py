@@ -135,8 +135,8 @@ def checkout(tmp_path_factory) -> Path:
     # from it, so that no network is needed (the download itself is tested in test_mingpt.py).
     shared = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
     if shared.exists():
-        sys.path.insert(0, str(REPO / "mingpt"))
-        from char_dataset import DataConfig, cached_path
+        from mingpt.char_dataset import cached_path
+        from mingpt.config import DataConfig
 
         target = folder / cached_path(DataConfig())
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-import datautils
+import snapshots
 from conftest import REPO, RESUME_ARGS, assert_bit_identical, epochs, resumed_epochs, script_env
 
 SCRIPT = "slurm/sbatch_run.sh"
@@ -33,7 +33,7 @@ def test_two_node_job_trains_on_both_nodes_and_saves_a_final_snapshot(slurm, tmp
     assert [n for n, _ in epochs(output)] == list(range(1, 51))
     assert output.count("batch 32 x 2 ranks") == 50
     snapshot = tmp_path / f"snapshot-{job_id}.pt"
-    assert datautils.read_snapshot(str(snapshot), "cpu")["EPOCHS_RUN"] == 50
+    assert snapshots.read(str(snapshot), "cpu")["EPOCHS_RUN"] == 50
     assert (tmp_path / f"slurm-ddp-multinode-{job_id}.out").exists()
 
 
@@ -75,7 +75,7 @@ def test_two_jobs_share_the_nodes_and_scancel_leaves_no_process(slurm, tmp_path)
         assert slurm.job_processes(job_id) == [], f"processes of job {job_id} outlived it"
         job = slurm.job(job_id)
         assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0"
-        assert datautils.read_snapshot(str(tmp_path / f"snapshot-{job_id}.pt"), "cpu")["EPOCHS_RUN"] % 10 == 0
+        assert snapshots.read(str(tmp_path / f"snapshot-{job_id}.pt"), "cpu")["EPOCHS_RUN"] % 10 == 0
 
 
 def test_warning_signal_saves_a_snapshot_and_the_requeued_job_resumes_from_it(slurm, tmp_path, reference_snapshot):
@@ -124,5 +124,5 @@ def test_mingpt_script_trains_a_tiny_gpt_on_both_nodes(slurm, tmp_path):
     assert "2 nodes x 1 processes, rendezvous at 10.77.0.11" in output
     assert "2 ranks on cpu" in output and "Epoch 2/2 | test loss" in output and "Sample:\n" in output
     snapshot = torch.load(tmp_path / f"gpt_snapshot-{job_id}.pt", weights_only=True)
-    assert snapshot["EPOCHS_RUN"] == 2 and snapshot["STEP_IN_EPOCH"] == 0
+    assert snapshot["EPOCHS_RUN"] == 2 and snapshot["WINDOWS_DONE"] == 0
     assert (tmp_path / f"slurm-ddp-mingpt-{job_id}.out").exists()

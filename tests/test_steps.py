@@ -100,7 +100,7 @@ IMAGE_STEPS = [
 def test_every_step_trains_resnet18_on_cifar10_shaped_images(tmp_path, script, launcher, batch):
     result = run(launcher(script, "1", "1", "--workload", "images", "--data_dir", "fake", "--batch_size", "64"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = re.search(r"Epoch 1/1 \| steps (\d+) \| (.*) \| loss ([0-9.]+) \| accuracy ([0-9.]+)%", result.stdout)
+    line = re.search(r"Epoch 1/1 \| steps (\d+) \| (.*) \| loss ([0-9.]+) \| val loss [0-9.]+ \| val accuracy ([0-9.]+)%", result.stdout)
     assert line, result.stdout
     # 2048 fake images: 32 steps of 64 on one process, 16 on each of two ranks.
     assert batch in line.group(0) and int(line.group(1)) == (16 if "ranks" in batch else 32)

@@ -1,0 +1,188 @@
+"""Starting the training processes, and the guards around it that are no part of the lesson.
+
+Step 2 starts its processes with `mp.spawn`; steps 3-4 and the capstone are started by torchrun.
+Either way: a process that cannot work says so in one line, a killed process is named, and no
+worker outlives the process that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+import torch.multiprocessing as mp
+
+import cli
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+REPO = Path(__file__).resolve().parent
+SIGTERM_GRACE_S = 20  # for a worker to stop cleanly on SIGTERM (a step, a snapshot), below torchrun's 30
+ROLL_CALL_S = 3  # after a timeout, how long the ranks that timed out take to find each other
+
+
+def free_port() -> str:
+    """A TCP port that is free now, so two jobs on one host do not collide on a fixed port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def world_size(asked: int | None, device: str) -> int:
+    """Step 2's process count: as asked, else one per visible GPU, else 2 CPU processes."""
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if device == "cuda" and (asked or 0) > gpus:
+        cli.fail(f"--world_size {asked} needs {asked} GPUs but {gpus} are visible; use --world_size {gpus} or fewer")
+    return asked or gpus or 2
+
+
+@contextlib.contextmanager
+def spawn_failures_reported() -> Iterator[None]:
+    """Around mp.spawn: a process that failed has reported why; one that was killed is named here."""
+    try:
+        yield
+    except mp.ProcessExitedException as err:
+        if err.exit_code > 0:  # an error the processes have already reported
+            raise SystemExit(err.exit_code) from None
+        cli.fail(f"process {err.error_index} was killed by signal {-err.exit_code}")
+
+
+def spawned_worker(world_size: int) -> None:
+    """What a process started by mp.spawn needs first: the worker guards, and its share of the CPU
+    cores (torchrun gives each of its workers one thread; mp.spawn leaves every one all of them)."""
+    guard_worker()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def guard_worker() -> None:
+    """A worker ends when it is told to or orphaned, even while stuck in C++ code."""
+    exit_with_parent()
+    end_on_sigterm_when_stuck()
+
+
+def end_on_sigterm_when_stuck() -> None:
+    """Make SIGTERM end this process even while its main thread is blocked in C++.
+
+    Python runs a signal handler (the steps turn SIGTERM into SystemExit, so `finally` blocks run)
+    only when the main thread gets back to Python code; blocked in a store wait or a collective,
+    it never does, and torchrun waits 30 s before it sends SIGKILL. So a thread watches the
+    signals arriving (signal.set_wakeup_fd) and ends the process SIGTERM_GRACE_S after a SIGTERM,
+    if the handler has not ended it by then.
+    """
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while signal.SIGTERM not in os.read(read_end, 64):
+            pass
+        time.sleep(SIGTERM_GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-on-sigterm", daemon=True).start()
+
+
+def exit_with_parent() -> None:
+    """Die with the process that started this one (torchrun's agent, or mp.spawn's parent).
+
+    Otherwise a worker whose agent was killed trains on as an orphan, holding its GPU, and may
+    write the same snapshot as the job started to replace it. The kernel sends SIGKILL the
+    moment the parent dies (Linux's PR_SET_PDEATHSIG), which works even while this process is
+    blocked inside C++ code where a Python signal handler never runs. Other systems: no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): keep running, as before
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def torchrun_worker(device: str, usage: str) -> None:
+    """Checks for a process torchrun started: it was (else `usage`, the command to use, is shown),
+    its node has a GPU for every process, and a restart will not hang."""
+    if "LOCAL_RANK" not in os.environ:
+        cli.fail(f"this is launched by torchrun, not python: {usage}")
+    guard_worker()
+    per_node, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
+    if device == "cuda" and per_node > gpus:
+        cli.fail(f"--nproc_per_node={per_node} needs {per_node} GPUs on this node, {gpus} are visible; lower it, or use gpu", scope="node")
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and first_attempt and STORE_VARIABLE not in os.environ and cli.is_rank_zero():
+        print(
+            f"warning: with --max-restarts, restarted workers can hang on torchrun's shared rendezvous store "
+            f"(pytorch/pytorch#135712); start torchrun with: export {STORE_VARIABLE}=1",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class Faults:
+    """--simulate_failure_at and --simulate_hang, to watch fault tolerance happen.
+
+    At the start of the chosen epoch the last rank crashes (os._exit: no clean-up, like a lost
+    GPU or an out-of-memory kill), or stalls and never joins another collective, like a rank stuck
+    in a deadlock. Only on torchrun's first attempt, so that its restart succeeds.
+    """
+
+    def __init__(self, failure_at: int | None, hang_at: int | None):
+        self.failure_at = failure_at
+        self.hang_at = hang_at
+
+    def at_epoch_start(self, epoch: int) -> None:
+        if epoch + 1 not in (self.failure_at, self.hang_at):
+            return
+        dist.barrier()  # rank 0 has printed the previous epoch's line: this one comes after it
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or rank != world_size - 1:
+            return
+        if epoch + 1 == self.failure_at:
+            print(f"Rank {rank}: simulated crash at the start of epoch {epoch + 1} (--simulate_failure_at)", flush=True)
+            os._exit(1)
+        print(f"Rank {rank}: simulated hang at the start of epoch {epoch + 1} (--simulate_hang): it joins no more collectives", flush=True)
+        while True:  # until torchrun stops it (SIGTERM)
+            time.sleep(1)
+
+
+def explain_collective_failure(err: RuntimeError, timeout: datetime.timedelta | None) -> NoReturn:
+    """A collective that timed out ends the job with one line: where it was, and which ranks never joined.
+
+    Every rank whose collective timed out posts where it was in the job's store, waits a moment
+    for the others, and the lowest of them reports; the ranks that posted nothing are the stuck
+    ones. (With NCCL, torch's watchdog reports a timeout itself and ends the process.) Any other
+    error is raised again, unchanged.
+    """
+    if "timed out" not in str(err).lower() or not dist.is_initialized():
+        raise err
+    ours = [frame for frame in traceback.extract_tb(err.__traceback__) if Path(frame.filename).resolve().parent == REPO]
+    where = f"`{ours[-1].line}` ({ours[-1].name}, {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else "a collective"
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    store = c10d._get_default_store()
+    store.set(f"timed_out/{rank}", where)
+    time.sleep(ROLL_CALL_S)
+    posted = [r for r in range(world_size) if store.check([f"timed_out/{r}"])]
+    stuck = [r for r in range(world_size) if r not in posted]
+    waited = f"{timeout.total_seconds():g} s (--timeout)" if timeout else "the default timeout"
+    missing = f"rank{'s' * (len(stuck) > 1)} {', '.join(map(str, stuck))} never joined it" if stuck else "every rank was in some collective: they ran different ones"
+    cli.fail(
+        f"rank {rank} waited {waited} in the collective of {where}: {missing}; "
+        "py-spy dump --pid PID shows where a stuck process is, TORCH_DISTRIBUTED_DEBUG=DETAIL names mismatched collectives",
+        reporter=rank == min(posted),
+    )
