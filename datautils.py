@@ -50,7 +50,7 @@ class MyTrainDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> "Batch":
         batch = torch.tensor(indices)
-        return Batch((self.inputs[batch], self.targets[batch]))
+        return Batch((self.inputs.index_select(0, batch), self.targets.index_select(0, batch)))
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing to draw again each epoch: the toy has no augmentation."""

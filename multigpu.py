@@ -118,7 +118,7 @@ def main(rank: int, world_size: int, device: str, args: argparse.Namespace) -> N
     if args.sync_bn:  # BatchNorm statistics over the batch of all ranks, not each rank's own part
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_data = prepare_dataloader(train_set, args.batch_size, args.num_workers)
-    val_data = prepare_dataloader(val_set, args.batch_size, args.num_workers, train=False)
+    val_data = prepare_dataloader(val_set, 4 * args.batch_size, args.num_workers, train=False)  # no gradients kept: larger batches fit
     trainer = Trainer(model, train_data, val_data, optimizer, rank, device, args.save_every, args.tensorboard_dir)
     trainer.train(args.total_epochs)
     trainer = model = optimizer = None  # release DDP before its process group, or the process may abort at exit

@@ -162,7 +162,7 @@ def main(device: str, args: argparse.Namespace) -> None:
     if args.sync_bn:  # BatchNorm statistics over the batch of all ranks, not each rank's own part
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_data = prepare_dataloader(train_set, args.batch_size, args.num_workers)
-    val_data = prepare_dataloader(val_set, args.batch_size, args.num_workers, train=False)
+    val_data = prepare_dataloader(val_set, 4 * args.batch_size, args.num_workers, train=False)  # no gradients kept: larger batches fit
     faults = launch.Faults(args.simulate_failure_at, args.simulate_hang)
     trainer = Trainer(model, train_data, val_data, optimizer, device, args.save_every, args.tensorboard_dir, args.snapshot_path, faults)
     try:

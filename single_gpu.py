@@ -86,7 +86,7 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int, trai
 def main(device: str, args: argparse.Namespace) -> None:
     train_set, val_set, model, optimizer = load_train_objs(args.workload, args.data_dir)
     train_data = prepare_dataloader(train_set, args.batch_size, args.num_workers)
-    val_data = prepare_dataloader(val_set, args.batch_size, args.num_workers, train=False)
+    val_data = prepare_dataloader(val_set, 4 * args.batch_size, args.num_workers, train=False)  # no gradients kept: larger batches fit
     trainer = Trainer(model, train_data, val_data, optimizer, device, args.save_every, args.tensorboard_dir)
     trainer.train(args.total_epochs)
 
