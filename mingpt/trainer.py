@@ -29,6 +29,7 @@ from mingpt.char_dataset import CharDataset
 from mingpt.config import OptimizerConfig, TrainerConfig
 from mingpt.report import RunReport
 
+WINDOW_LOG = os.environ.get("MINGPT_WINDOW_LOG")  # a folder: each rank records the windows it trains (for tests)
 SNAPSHOT_KEYS = (
     "MODEL_STATE", "OPTIMIZER_STATE", "SCALER_STATE", "SCHEDULER_STATE", "EPOCHS_RUN", "WINDOWS_DONE",
     "GLOBAL_STEP", "RNG_STATES", "VOCAB", "CONFIG",
@@ -200,14 +201,17 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed + epoch)
         return torch.randperm(len(self.train_set), generator=generator)
 
-    def _batches(self, epoch: int) -> DataLoader:
-        """This rank's micro-batches for the rest of `epoch`: of each step's global batch, its share."""
+    def _micro_batches(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's micro-batches (window start indices) for the rest of `epoch`: of each step's global batch, its share."""
         order = self._epoch_order(epoch)
         share = self.global_batch // self.world_size
         micro_batches = []
         for start in range(self.windows_done, self.steps_per_epoch * self.global_batch, self.global_batch):
             mine = order[start + self.global_rank * share : start + (self.global_rank + 1) * share]
             micro_batches += list(mine.split(self.micro_batch))
+        return micro_batches
+
+    def _loader(self, micro_batches: list[torch.Tensor]) -> DataLoader:
         return DataLoader(
             self.train_set,
             batch_size=None,  # the dataset gathers a whole micro-batch of windows per index list
@@ -235,9 +239,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def _record_windows(self, epoch: int, micro_batches: list[torch.Tensor]) -> None:
+        """Debugging: append the windows this rank trained in one step to $MINGPT_WINDOW_LOG/rank<N>.txt."""
+        with open(os.path.join(WINDOW_LOG, f"rank{self.global_rank}.txt"), "a") as record:
+            record.write(f"{epoch} " + " ".join(str(i) for i in torch.cat(micro_batches).tolist()) + "\n")
+
     def _run_epoch(self, epoch: int) -> None:
+        micro_batches = self._micro_batches(epoch)
         step_loss = torch.zeros((), device=self.device)  # mean over the step's micro-batches, on the device
-        for micro_step, (source, targets) in enumerate(self.report.timed(self._batches(epoch)), start=1):
+        for micro_step, (source, targets) in enumerate(self.report.timed(self._loader(micro_batches)), start=1):
             source = source.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             step_loss += self._run_batch(source, targets, sync=micro_step % self.accum == 0) / self.accum
@@ -245,6 +255,8 @@ class Trainer:
                 continue
             lr = self.scheduler.get_last_lr()[0]
             grad_norm = self._optimizer_step()
+            if WINDOW_LOG:
+                self._record_windows(epoch, micro_batches[micro_step - self.accum : micro_step])
             self.windows_done += self.global_batch
             self.global_step += 1
             step = self.windows_done // self.global_batch

@@ -106,11 +106,11 @@ def session_members(sid: int) -> list[int]:
 class Job:
     """A command running in the background, its output going to a log file."""
 
-    def __init__(self, cmd: list[str], cwd: Path, name: str = "job"):
+    def __init__(self, cmd: list[str], cwd: Path, name: str = "job", env: dict[str, str] | None = None):
         self.log_path = cwd / f"{name}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=cwd, env=script_env(), stdout=log, stderr=subprocess.STDOUT,
+                cmd, cwd=cwd, env={**script_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
 
@@ -152,8 +152,8 @@ def jobs():
     """Start background jobs with `jobs(cmd, cwd, name)`; every one is killed after the test."""
     started: list[Job] = []
 
-    def start(cmd: list[str], cwd: Path, name: str = "job") -> Job:
-        started.append(Job(cmd, cwd, name))
+    def start(cmd: list[str], cwd: Path, name: str = "job", env: dict[str, str] | None = None) -> Job:
+        started.append(Job(cmd, cwd, name, env))
         return started[-1]
 
     yield start

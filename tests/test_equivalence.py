@@ -1,0 +1,161 @@
+"""Same model, N times faster: N processes train the same weights as one, evaluate exactly, and
+resume exactly on another number of processes. Real torchrun runs on CPU, 1 to 4 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import RESUME_ARGS, Job, epochs, run, snapshot_tensors, torchrun_cmd
+from test_mingpt import TINY_MODEL
+
+
+def assert_close_training(path_a: Path, path_b: Path, rtol: float = 1e-5, atol: float = 1e-7) -> float:
+    """Model and optimizer states equal to float tolerance; returns the largest difference."""
+    a, b = snapshot_tensors(path_a), snapshot_tensors(path_b)
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"{name} differs between {path_a} and {path_b}")
+    largest = max(float((a[name] - b[name]).abs().max()) for name in a)
+    print(f"largest difference between {path_a.parent.name} and {path_b.parent.name}: {largest:.2e}")
+    return largest
+
+
+# ---------------------------------------------------------------- steps 3 and 4: 1 x 64 = 2 x 32 = 4 x 16
+
+
+@pytest.mark.parametrize("nproc, batch", [(1, 64), (4, 16)])
+def test_step3_on_1_or_4_processes_trains_the_weights_of_2(tmp_path, reference_snapshot, nproc, batch):
+    result = run(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS, "--batch_size", str(batch), nproc=nproc), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"batch {batch} x {nproc} ranks" in result.stdout
+    assert_close_training(tmp_path / "snapshot.pt", reference_snapshot)  # 2 x 32, the same global batch of 64
+
+
+def test_step4_resumed_on_another_process_count_trains_the_weights_of_one(tmp_path, reference_snapshot):
+    half = (str(int(RESUME_ARGS[0]) // 2), RESUME_ARGS[1])
+    first = run(torchrun_cmd("multinode.py", *half, "--batch_size", "64", nproc=1), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(torchrun_cmd("multinode.py", *RESUME_ARGS, "--batch_size", "16", nproc=4), tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Resuming from snapshot.pt: {half[0]} epochs done" in second.stdout
+    assert "global batch changed" not in second.stdout  # 1 x 64 and 4 x 16 are the same global batch
+    assert [n for n, _ in epochs(second.stdout)] == list(range(int(half[0]) + 1, int(RESUME_ARGS[0]) + 1))
+    assert_close_training(tmp_path / "snapshot.pt", reference_snapshot)
+
+
+# ---------------------------------------------------------------- exact evaluation
+
+
+@pytest.fixture(scope="module")
+def evaluations(tmp_path_factory) -> dict[int, dict]:
+    """The same weights evaluated by 1, 2 and 3 processes (3 does not divide the 1000 held-out samples)."""
+    found = {}
+    for nproc in (1, 2, 3):
+        result = run(torchrun_cmd("tests/evaluate_shards.py", nproc=nproc), tmp_path_factory.mktemp("eval"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[nproc] = json.loads(result.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_every_held_out_sample_counts_once_on_any_number_of_processes(evaluations):
+    one = evaluations[1]["exact"]["val loss"]
+    for nproc in (2, 3):
+        assert evaluations[nproc]["exact"]["val loss"] == pytest.approx(one, rel=1e-6)
+
+
+def test_a_padding_sampler_would_count_some_samples_twice(evaluations):
+    # DistributedSampler pads 1000 samples to 1002 for 3 ranks: two are counted twice.
+    assert evaluations[2]["padded"]["val loss"] == pytest.approx(evaluations[1]["exact"]["val loss"], rel=1e-6)
+    assert evaluations[3]["padded"]["val loss"] != pytest.approx(evaluations[1]["exact"]["val loss"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- minGPT: a global batch on any number of processes
+
+GLOBAL = 48  # windows per optimizer step: 1 x 4 x 12, 2 x 2 x 12, 3 x 1 x 16, 4 x 1 x 12 (processes x micro-batches x windows)
+EQUIVALENCE = [
+    *TINY_MODEL, "gpt_config.dropout=0.0", "trainer_config.batch_size=12", f"trainer_config.global_batch_size={GLOBAL}",
+    "trainer_config.max_epochs=3", "trainer_config.log_every=5", "trainer_config.save_every=1",
+    "optimizer_config.warmup_steps=10", "data_config.train_split=0.4",
+]  # fmt: skip
+# 4840 characters: the first 40% (1936) hold 1920 windows of 16 + 1, 40 global batches of 48 per epoch.
+CORPUS_CHARS = 4840
+
+
+@pytest.fixture(scope="module")
+def equal_corpus(tmp_path_factory) -> Path:
+    from test_mingpt import make_corpus
+
+    path = tmp_path_factory.mktemp("equal") / "corpus.txt"
+    path.write_text(make_corpus(CORPUS_CHARS, seed=1))
+    return path
+
+
+def gpt_cmd(corpus: Path, nproc: int, *overrides: str) -> list[str]:
+    return torchrun_cmd("mingpt/main.py", f"data_config.path={corpus}", *EQUIVALENCE, *overrides, nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, equal_corpus) -> Path:
+    folder = tmp_path_factory.mktemp("gpt2x2")
+    result = run(gpt_cmd(equal_corpus, 2), folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Global batch {GLOBAL} windows = 2 processes x 2 micro-batches of 12; 40 steps per epoch" in result.stdout
+    return folder / "gpt_snapshot.pt"
+
+
+@pytest.mark.parametrize("nproc, accum", [(1, 4), (4, 1)])
+def test_mingpt_on_1_or_4_processes_trains_the_weights_of_2(tmp_path, equal_corpus, two_process_run, nproc, accum):
+    result = run(gpt_cmd(equal_corpus, nproc), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"= {nproc} processes x {accum} micro-batches of 12" in result.stdout
+    assert_close_training(tmp_path / "gpt_snapshot.pt", two_process_run, rtol=1e-4, atol=1e-5)
+
+
+def test_mingpt_global_batch_refuses_a_process_count_that_cannot_share_it(tmp_path, equal_corpus):
+    result = run(gpt_cmd(equal_corpus, 2, "trainer_config.global_batch_size=45", "trainer_config.batch_size=9"), tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert errors == ["error: trainer_config.global_batch_size=45 cannot be shared by 2 processes; run on 1, 3, 5, 9, 15, 45 processes, or change it"]
+
+
+def stop_mid_epoch(cmd: list[str], folder: Path, epoch: int, env: dict[str, str]) -> str:
+    """Start a run, SIGUSR1 one worker once it logs step 15 of `epoch`; return its output."""
+    job = Job(cmd, folder, name=f"chain{len(list(folder.glob('chain*.log')))}", env=env)
+    try:
+        job.wait_for(rf"epoch {epoch} \| step 15/40")
+        os.kill(job.worker(local_rank=0), signal.SIGUSR1)
+        assert job.wait(timeout=120) == 0, job.output()[-3000:]
+    finally:
+        job.stop()
+    assert "Stopping on SIGUSR1" in job.output()
+    return job.output()
+
+
+def test_mingpt_resumed_mid_epoch_on_2_then_1_then_3_processes_trains_each_window_once(tmp_path, equal_corpus, two_process_run):
+    record = tmp_path / "windows"
+    record.mkdir()
+    env = {"MINGPT_WINDOW_LOG": str(record)}
+    stop_mid_epoch(gpt_cmd(equal_corpus, 2), tmp_path, epoch=1, env=env)
+    second = stop_mid_epoch(gpt_cmd(equal_corpus, 1), tmp_path, epoch=2, env=env)
+    assert "Note: saved by 2 processes, resumed by 1" in second
+    last = run(gpt_cmd(equal_corpus, 3), tmp_path, env=env)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert re.search(r"Resuming from gpt_snapshot.pt: 1 epochs \+ [1-9][\d,]* windows done", last.stdout), last.stdout
+    # Each epoch trained each of its 1920 windows exactly once, across the three runs and all their ranks.
+    trained: dict[int, Counter] = {}
+    for rank_file in record.iterdir():
+        for line in rank_file.read_text().splitlines():
+            epoch, *windows = map(int, line.split())
+            trained.setdefault(epoch, Counter()).update(windows)
+    assert sorted(trained) == [0, 1, 2]
+    for epoch, counts in trained.items():
+        assert sorted(counts) == list(range(1920)) and set(counts.values()) == {1}, f"epoch {epoch + 1}"
+    assert_close_training(tmp_path / "gpt_snapshot.pt", two_process_run, rtol=1e-4, atol=1e-5)
