@@ -125,7 +125,7 @@ def torchrun_worker(device: str, usage: str) -> None:
         cli.fail(f"--nproc_per_node={per_node} needs {per_node} GPUs on this node, {gpus} are visible; lower it, or use gpu", scope="node")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    if restarts > 0 and first_attempt and STORE_VARIABLE not in os.environ and cli.is_rank_zero():
+    if restarts > 0 and first_attempt and os.environ.get(STORE_VARIABLE) != "1" and cli.is_rank_zero():
         print(
             f"warning: with --max-restarts, restarted workers can hang on torchrun's shared rendezvous store "
             f"(pytorch/pytorch#135712); start torchrun with: export {STORE_VARIABLE}=1",
@@ -171,8 +171,8 @@ def explain_collective_failure(err: RuntimeError, timeout: datetime.timedelta | 
     """
     if "timed out" not in str(err).lower() or not dist.is_initialized():
         raise err
-    ours = [frame for frame in traceback.extract_tb(err.__traceback__) if Path(frame.filename).resolve().parent == REPO]
-    where = f"`{ours[-1].line}` ({ours[-1].name}, {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else "a collective"
+    ours = [frame for frame in traceback.extract_tb(err.__traceback__) if REPO in Path(frame.filename).resolve().parents]
+    where = f"`{ours[-1].line.split('  #')[0]}` ({ours[-1].name}, {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else "a collective"
     rank, world_size = dist.get_rank(), dist.get_world_size()
     store = c10d._get_default_store()
     store.set(f"timed_out/{rank}", where)

@@ -54,9 +54,10 @@ def multinode_cmd(port: int, rdzv_id: str, *args: str, max_restarts: int = 3) ->
     ]  # fmt: skip
 
 
-def run(cmd: list[str], cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run to completion, with `env` added to the environment; stdout and stderr are kept apart."""
-    return subprocess.run(cmd, cwd=cwd, env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], cwd: Path, timeout: float = 180, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run to completion, with `env` added to the environment (None removes a variable); stdout and stderr are kept apart."""
+    merged = {name: value for name, value in {**script_env(), **(env or {})}.items() if value is not None}
+    return subprocess.run(cmd, cwd=cwd, env=merged, capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import os
+import random
 
 import pytest
 import torch
@@ -49,22 +50,50 @@ def test_missing_cifar10_without_network_says_how_to_get_it(tmp_path, script):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(
-    "args, says",
-    [
-        (["0", "5"], "total_epochs: must be greater than 0"),
-        (["5", "5", "--snapshot_path", "no/such/folder/snapshot.pt"], "does not exist"),
-        (["5", "5", "--snapshot_path", "/sys/snapshot.pt"], "is not writable"),
-        (["5", "5", "--simulate_failure_at", "6"], "--simulate_failure_at: epoch 6 never comes in 5 epochs"),
-    ],
-)
-@pytest.mark.parametrize("script", ["multigpu_torchrun.py", "multinode.py"])
-def test_bad_arguments_under_torchrun_are_reported_once(tmp_path, script, args, says):
-    result = run(torchrun_cmd(script, *args), tmp_path)
+TORCHRUN_CASES = [
+    (["0", "5"], "total_epochs: must be greater than 0"),
+    (["5", "5", "--snapshot_path", "no/such/folder/snapshot.pt"], "does not exist"),
+    (["5", "5", "--snapshot_path", "/sys/snapshot.pt"], "is not writable"),
+    (["5", "5", "--simulate_failure_at", "6"], "--simulate_failure_at: epoch 6 never comes in 5 epochs"),
+]
+
+
+@pytest.fixture(scope="module")
+def late_rank_zero(tmp_path_factory) -> dict[str, str]:
+    """An environment in which rank 0 starts `LATE_RANK_ZERO` env seconds late, as on a loaded machine.
+
+    Every rank finds the same mistake; the one that finds it first must not end the job before
+    rank 0 has said what it is (torchrun stops the other workers as soon as one exits)."""
+    folder = tmp_path_factory.mktemp("late")
+    (folder / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep(float(os.environ.get('LATE_RANK_ZERO', '2')))\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def assert_reported_once(result, script: str, says: str) -> None:
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert output.count(says) == 1, output[-3000:]  # from rank 0 only
+    assert output.count(says) == 1, output[-3000:]
     assert no_traceback_from(script, output)
+
+
+@pytest.mark.parametrize("args, says", TORCHRUN_CASES)
+@pytest.mark.parametrize("script", ["multigpu_torchrun.py", "multinode.py"])
+def test_bad_arguments_under_torchrun_are_reported_once_even_if_rank_0_starts_late(tmp_path, late_rank_zero, script, args, says):
+    assert_reported_once(run(torchrun_cmd(script, *args), tmp_path, env=late_rank_zero), script, says)
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("args, says", TORCHRUN_CASES)
+@pytest.mark.parametrize("script", ["multigpu_torchrun.py", "multinode.py"])
+def test_stress_every_bad_argument_line_arrives_once(tmp_path, late_rank_zero, script, args, says, nproc):
+    """python -m pytest -m stress: 20 runs of each case, rank 0 starting 0 to 3 s late."""
+    rng = random.Random(f"{script}{args}{nproc}")
+    for attempt in range(20):
+        env = {**late_rank_zero, "LATE_RANK_ZERO": f"{rng.uniform(0, 3):.2f}"}
+        assert_reported_once(run(torchrun_cmd(script, *args, nproc=nproc), tmp_path, env=env), script, says)
 
 
 def real_snapshot_bytes(model: torch.nn.Module | None = None) -> bytes:
