@@ -5,6 +5,9 @@ import re
 import signal
 import time
 import uuid
+from pathlib import Path
+
+import pytest
 
 
 import snapshots
@@ -31,8 +34,17 @@ def test_sigkilled_worker_is_restarted_and_ends_bit_identical(tmp_path, jobs, re
     assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
 
 
+def tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a tag, as TensorBoard shows it: what a restarted run rewrote is purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), purge_orphaned_data=True)
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
 def test_simulated_failure_crashes_once_and_the_restart_ends_bit_identical(tmp_path, reference_snapshot):
-    cmd = torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS, "--simulate_failure_at", "35", max_restarts=3)
+    cmd = torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS, "--simulate_failure_at", "35", "--tensorboard_dir", "tb", max_restarts=3)
     result = run(cmd, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # The last rank crashed once, at the start of epoch 35; the restarted workers did not crash again.
@@ -40,6 +52,14 @@ def test_simulated_failure_crashes_once_and_the_restart_ends_bit_identical(tmp_p
     assert "Rank 1: simulated crash at the start of epoch 35" in result.stdout
     assert resumed_epochs(result.stdout) == 30
     assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
+    # TensorBoard: one curve through the crash, every epoch once; the epochs 31-34 written before the
+    # crash were replaced by those of the restart, which printed the same losses.
+    printed = epochs(result.stdout.split("Resuming from")[-1])
+    for tag in ("loss/train", "val/loss", "throughput/samples_per_s", "step_time/comm"):
+        steps = [step for step, _ in tensorboard_scalars(tmp_path / "tb", tag)]
+        assert steps == list(range(1, 61)), f"{tag}: {steps}"
+    logged = dict(tensorboard_scalars(tmp_path / "tb", "loss/train"))
+    assert all(logged[n] == pytest.approx(loss, rel=1e-4, abs=1e-6) for n, loss in printed)
 
 
 def test_simulated_failure_without_restarts_fails_the_job_and_keeps_the_snapshot(tmp_path):

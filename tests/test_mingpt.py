@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, python_cmd, run, snapshot_tensors, torchrun_cmd
+from test_fault_tolerance import tensorboard_scalars
 
 from mingpt import char_dataset
 from mingpt.char_dataset import DataError
@@ -243,7 +244,7 @@ def assert_same_training(path_a: Path, path_b: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_mid_epoch_resumes_bit_identical(tmp_path, jobs, corpus, uninterrupted, sig):
-    job = jobs(train(corpus, *RESUME, max_restarts=3), tmp_path)
+    job = jobs(train(corpus, *RESUME, "trainer_config.tensorboard_dir=tb", max_restarts=3), tmp_path)
     job.wait_for(r"Snapshot saved at gpt_snapshot.pt: 1 epochs")
     job.wait_for(r"epoch 2 \| step 100/")
     os.kill(job.worker(local_rank=1), sig)
@@ -256,6 +257,9 @@ def test_killed_mid_epoch_resumes_bit_identical(tmp_path, jobs, corpus, uninterr
     else:
         assert "Resuming from gpt_snapshot.pt: " in output
     assert_same_training(tmp_path / "gpt_snapshot.pt", uninterrupted)
+    # TensorBoard shows one curve through the restart: the global steps of a run never interrupted, each once.
+    expected = [m["global_step"] for m in metrics(uninterrupted.parent) if "loss" in m]
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "tb", "loss/train")] == expected
 
 
 @pytest.mark.parametrize("problem", ["damaged snapshot", "missing data file", "server down"])

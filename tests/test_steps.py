@@ -98,10 +98,34 @@ IMAGE_STEPS = [
 
 @pytest.mark.parametrize("script, launcher, batch", IMAGE_STEPS, ids=[s for s, _, _ in IMAGE_STEPS])
 def test_every_step_trains_resnet18_on_cifar10_shaped_images(tmp_path, script, launcher, batch):
-    result = run(launcher(script, "1", "1", "--workload", "images", "--data_dir", "fake", "--batch_size", "64"), tmp_path)
+    workers = ["--num_workers", "2"] if script == "multigpu_torchrun.py" else []  # augmented in loader processes
+    result = run(launcher(script, "1", "1", "--workload", "images", "--data_dir", "fake", "--batch_size", "64", *workers), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     line = re.search(r"Epoch 1/1 \| steps (\d+) \| (.*) \| loss ([0-9.]+) \| val loss [0-9.]+ \| val accuracy ([0-9.]+)%", result.stdout)
     assert line, result.stdout
     # 2048 fake images: 32 steps of 64 on one process, 16 on each of two ranks.
     assert batch in line.group(0) and int(line.group(1)) == (16 if "ranks" in batch else 32)
     assert 0 <= float(line.group(4)) <= 100
+
+
+def test_augmentation_is_drawn_per_image_and_epoch_on_any_rank_or_worker_and_repeats():
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    images, _ = datautils.cifar10("fake")  # random crop and flip over generated images
+    again, _ = datautils.cifar10("fake")
+    first = torch.stack([images[i][0] for i in range(16)])
+    assert torch.equal(first, torch.stack([again[i][0] for i in range(16)])), "another run draws the same augmentations"
+    images.set_epoch(1)
+    assert not torch.equal(first, torch.stack([images[i][0] for i in range(16)])), "each epoch draws new ones"
+    # Neighbouring images, as two workers or two ranks would take them, get different draws
+    # (the classic bug: every worker starts from the same random state and repeats the others' draws).
+    draws = [images.draw(i) for i in range(64)]
+    assert len(set(draws)) > 40
+    # Whoever fetches an image (a loader worker, either rank) gets the same draw: the resume and any
+    # number of processes or workers see exactly the augmentations of an uninterrupted run.
+    expected = {i: images[i][0] for i in range(16)}
+    for rank in (0, 1):
+        sampler = DistributedSampler(range(16), num_replicas=2, rank=rank, shuffle=False)
+        loader = DataLoader(images, batch_size=4, sampler=sampler, num_workers=2)
+        fetched = torch.cat([batch for batch, _ in loader])
+        assert torch.equal(fetched, torch.stack([expected[i] for i in range(rank, 16, 2)]))
