@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import datetime
 import os
+import re
 import signal
 import socket
 import sys
@@ -162,27 +163,46 @@ class Faults:
 
 
 def explain_collective_failure(err: RuntimeError, timeout: datetime.timedelta | None) -> NoReturn:
-    """A collective that timed out ends the job with one line: where it was, and which ranks never joined.
+    """A collective that timed out, or that torch found mismatched, ends the job with one line:
+    where each rank was, and which ranks never came.
 
-    Every rank whose collective timed out posts where it was in the job's store, waits a moment
-    for the others, and the lowest of them reports; the ranks that posted nothing are the stuck
-    ones. (With NCCL, torch's watchdog reports a timeout itself and ends the process.) Any other
-    error is raised again, unchanged.
+    Every rank that failed so posts where it was in the job's store and waits a moment for the
+    others; the lowest of them reports. The ranks that posted nothing are stuck elsewhere. A
+    timeout reaches each rank after --timeout; a mismatch (found by TORCH_DISTRIBUTED_DEBUG=DETAIL)
+    at once. (With NCCL, torch's watchdog reports a timeout itself and ends the process.) Any
+    other error is raised again, unchanged.
     """
-    if "timed out" not in str(err).lower() or not dist.is_initialized():
+    text = " ".join(str(err).split())
+    mismatch = "Detected mismatch between collectives" in text
+    if not dist.is_initialized() or not (mismatch or "timed out" in text.lower()):
         raise err
-    ours = [frame for frame in traceback.extract_tb(err.__traceback__) if REPO in Path(frame.filename).resolve().parents]
-    where = f"`{ours[-1].line.split('  #')[0]}` ({ours[-1].name}, {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else "a collective"
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    place = where_in_our_code(err)
+    call = re.search(rf"Rank {rank} is running collective: CollectiveFingerPrint\(SequenceNumber=(\d+), OpType=(\w+), TensorShape=\[([^\]]*)\]", text)
+    if call:  # this rank's own collective, as DETAIL fingerprints it
+        place = f"{call[2]} #{call[1]} of shape [{call[3]}] at {place}"
     store = c10d._get_default_store()
-    store.set(f"timed_out/{rank}", where)
+    store.set(f"failed_at/{rank}", place)
     time.sleep(ROLL_CALL_S)
-    posted = [r for r in range(world_size) if store.check([f"timed_out/{r}"])]
+    posted = [r for r in range(world_size) if store.check([f"failed_at/{r}"])]
     stuck = [r for r in range(world_size) if r not in posted]
+    places = "; ".join(f"rank {r} in {store.get(f'failed_at/{r}').decode()}" for r in posted)
     waited = f"{timeout.total_seconds():g} s (--timeout)" if timeout else "the default timeout"
-    missing = f"rank{'s' * (len(stuck) > 1)} {', '.join(map(str, stuck))} never joined it" if stuck else "every rank was in some collective: they ran different ones"
-    cli.fail(
-        f"rank {rank} waited {waited} in the collective of {where}: {missing}; "
-        "py-spy dump --pid PID shows where a stuck process is, TORCH_DISTRIBUTED_DEBUG=DETAIL names mismatched collectives",
-        reporter=rank == min(posted),
-    )
+    if stuck:
+        who = f"rank{'s' * (len(stuck) > 1)} {', '.join(map(str, stuck))}"
+        what = "called a different collective" if mismatch else f"waited {waited}"
+        message = f"{places} {what}: {who} never joined; py-spy dump --pid PID shows where a stuck process is"
+    elif mismatch:
+        message = f"ranks called different collectives: {places}; every rank must run the same collectives in the same order"
+    else:
+        message = f"every rank waited {waited}, each in another collective: {places}; every rank must run the same collectives in the same order (TORCH_DISTRIBUTED_DEBUG=DETAIL names them)"
+    cli.fail(message, reporter=rank == min(posted))
+
+
+def where_in_our_code(err: BaseException) -> str:
+    """The innermost line of this repository's code in the traceback: the collective's call site."""
+    ours = [frame for frame in traceback.extract_tb(err.__traceback__) if REPO in Path(frame.filename).resolve().parents]
+    if not ours:
+        return "a collective"
+    frame = ours[-1]
+    return f"`{frame.line.split('  #')[0]}` ({frame.name}, {Path(frame.filename).name}:{frame.lineno})"
