@@ -1,4 +1,4 @@
-"""preflight.py, the check before a long job, under a real torchrun."""
+"""preflight.py, the check before a long job: real torchrun on this machine, and on the two hosts of the test Slurm cluster."""
 
 import re
 import socket
@@ -57,3 +57,30 @@ def test_started_wrong_it_says_so_in_one_line(tmp_path, args, says):
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
 
+
+def test_on_two_slurm_hosts_each_node_has_its_own_address_and_loopback_is_a_problem(slurm, tmp_path):
+    # Two jobs at once (each takes 1 CPU of each node): one as submitted, one with gloo pinned to loopback.
+    options = (f"--chdir={tmp_path}",)
+    good = slurm.sbatch("slurm/preflight.sh", options=options)
+    bad = slurm.sbatch("slurm/preflight.sh", options=options, GLOO_SOCKET_IFNAME="lo")
+    jobs = {job_id: slurm.wait_for_end(job_id) for job_id in (good, bad)}
+    header = f"preflight: 2 ranks on 2 nodes, gloo, torch {torch.__version__}"
+
+    output = slurm.output(good)
+    assert jobs[good]["JobState"] == "COMPLETED", output[-3000:]
+    nodes = {host: f"{interface} {address}" for _, host, _, interface, address, _ in NODE.findall(output)}
+    assert nodes == {"node1": "eth0 10.77.0.11", "node2": "eth0 10.77.0.12"}, output[-3000:]
+    assert ROW.findall(output) == SIZES
+    assert [line for line in output.splitlines() if line.startswith("preflight:")] == [header, "preflight: OK, 2 ranks on 2 nodes"]
+
+    output = slurm.output(bad)
+    assert jobs[bad]["JobState"] == "FAILED", output[-3000:]
+    problems = [line for line in output.splitlines() if line.startswith("problem:")]
+    assert problems == [
+        f"problem: {ranks} on node {node} ({host}): GLOO_SOCKET_IFNAME=lo gives loopback 127.0.0.1, "
+        "which other nodes cannot reach; set GLOO_SOCKET_IFNAME=eth0"
+        for node, host, ranks, *_ in NODE.findall(output)
+    ], output[-3000:]
+    assert sorted(host for _, host, *_ in NODE.findall(output)) == ["node1", "node2"]  # a problem on each
+    assert [line for line in output.splitlines() if line.startswith("preflight:")] == [header, "preflight: 2 problems"]
+    assert "all-reduce" not in output  # no attempt to connect: it would fail, less clearly
