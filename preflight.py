@@ -27,7 +27,6 @@ import launch
 
 USAGE = "torchrun --standalone --nproc_per_node=gpu preflight.py; on several nodes, the job's torchrun command with preflight.py"
 SIZES = (("4 B", 4), ("64 KiB", 64 << 10), ("1 MiB", 1 << 20), ("16 MiB", 16 << 20))  # latency ... bandwidth
-WARMUP = 2  # untimed all-reduces of each size first: the first sets up buffers and connections
 SIOCGIFFLAGS, SIOCGIFADDR, IFF_UP = 0x8913, 0x8915, 0x1  # linux/sockios.h, linux/if.h
 
 
@@ -48,14 +47,16 @@ def ipv4_interfaces() -> dict[str, str]:
 
 
 def interface(variable: str, interfaces: dict[str, str]) -> tuple[str, str | None, str]:
-    """The interface this node's connections use, its address, and what chose it (NCCL_DEBUG=INFO prints NCCL's choice)."""
+    """The interface this node's connections use, its address, and what chose it.
+    (To see NCCL's own choice: NCCL_DEBUG=INFO prints "NET/Socket : Using ...".)"""
     names = [name for name in os.environ.get(variable, "").split(",") if name]
     if names:  # gloo takes names, NCCL name prefixes ("eth" matches eth0)
         nccl = variable.startswith("NCCL")
         name = ([n for n in interfaces if n in names or (nccl and n.startswith(tuple(names)))] or names)[0]
         return name, interfaces.get(name), f"{variable}={os.environ[variable]}"
-    if variable.startswith("NCCL"):  # NCCL's order: InfiniBand first; loopback and docker last
-        name = (sorted(interfaces, key=lambda n: (not n.startswith("ib"), n == "lo" or n.startswith("docker"))) or ["lo"])[0]
+    if variable.startswith("NCCL"):  # NCCL's own order: InfiniBand first; loopback and docker last
+        ranked = sorted(interfaces, key=lambda n: (n == "lo" or n.startswith("docker"), not n.startswith("ib")))
+        name = (ranked or ["lo"])[0]
         return name, interfaces.get(name), "NCCL's default"
     host = socket.gethostname()
     try:  # gloo binds to the address the hostname resolves to
@@ -96,23 +97,28 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
 
+def span(ranks: list[dict]) -> str:
+    """Some ranks of one node: torchrun numbers a node's ranks without gaps."""
+    return f"ranks {ranks[0]['rank']}-{ranks[-1]['rank']}" if len(ranks) > 1 else f"rank {ranks[0]['rank']}"
+
+
 def where(ranks: list[dict]) -> str:
-    """Where some ranks of one node are (torchrun numbers a node's ranks without gaps)."""
-    span = f"ranks {ranks[0]['rank']}-{ranks[-1]['rank']}" if len(ranks) > 1 else f"rank {ranks[0]['rank']}"
-    return f"{span} on node {ranks[0]['node']} ({ranks[0]['host']})"
+    return f"{span(ranks)} on node {ranks[0]['node']} ({ranks[0]['host']})"
 
 
 def node_problems(node: list[dict], hosts: int) -> list[str]:
     """What keeps this node's ranks from connecting, with the fix."""
     first, problems = node[0], []
+    address, chosen_by = first["address"], first["chosen_by"]
     fix = f"set {first['variable']}={next(iter(first['others']), 'IFACE')}"
-    others = ", ".join(f"{n} {a}" for n, a in first["others"].items()) or "no other"
-    if first["address"] is None:
-        problems.append(f"{where(node)}: {first['chosen_by']} names no interface that is up with an IPv4 address; it has {others}: {fix}")
-    elif first["address"].startswith("127.") and hosts > 1:  # fine for torchrun agents on one host
-        problems.append(f"{where(node)}: {first['chosen_by']} gives loopback {first['address']}, which other nodes cannot reach; {fix}")
+    if address is None:
+        others = ", ".join(f"{n} {a}" for n, a in first["others"].items()) or "no other"
+        problems.append(f"{where(node)}: {chosen_by} names no interface that is up with an IPv4 address ({others} here); {fix}")
+    elif address.startswith("127.") and hosts > 1:  # fine for torchrun agents on one host
+        problems.append(f"{where(node)}: {chosen_by} gives loopback {address}, which other nodes cannot reach; {fix}")
     for rank in (r for r in node if r["device"] == "missing"):
-        problems.append(f"{where([rank])}: no GPU for local rank {rank['local_rank']} ({rank['gpus']} visible); use --nproc_per_node=gpu")
+        gpus = f"{rank['gpus']} visible"
+        problems.append(f"{where([rank])}: no GPU for local rank {rank['local_rank']} ({gpus}); use --nproc_per_node=gpu")
     return problems
 
 
@@ -126,13 +132,14 @@ def check(ranks: list[dict | None], backend: str, timeout: datetime.timedelta) -
     print(f"preflight: {who}, {backend}, torch {torch.__version__}", flush=True)
     width = max(len(node[0]["host"]) for node in nodes.values())
     for number, node in sorted(nodes.items()):
-        span, used = where(node).split(" on ")[0], f"{node[0]['interface']} {node[0]['address'] or '(none)'}"
-        print(f"node {number}  {node[0]['host']:<{width}}  {span:<9}  {used:<21}  {node[0]['chosen_by']}", flush=True)
-    problems = [f"rank {r} did not answer within {timeout.total_seconds():g} s (--timeout)" for r, d in enumerate(ranks) if d is None]
+        used = f"{node[0]['interface']} {node[0]['address'] or '(none)'}"
+        print(f"node {number}  {node[0]['host']:<{width}}  {span(node):<9}  {used:<21}  {node[0]['chosen_by']}", flush=True)
+    waited = f"{timeout.total_seconds():g} s (--timeout)"
+    problems = [f"rank {r} did not answer within {waited}; its node's output says why" for r, found in enumerate(ranks) if found is None]
     for node in nodes.values():
         problems += node_problems(node, hosts=len({r["host"] for r in present}))
     # Nodes that differ here may fail to connect, or hang: check before trying.
-    for what, key, fix in (("torch versions", "torch", "install one version everywhere"), ("GPU counts", "gpus", "use alike nodes")):
+    for what, key, fix in (("torch versions", "torch", "install the same everywhere"), ("GPU counts", "gpus", "use alike nodes")):
         if len({node[0][key] for node in nodes.values()}) > 1:
             each = ", ".join(f"node {n} {node[0][key]}" for n, node in sorted(nodes.items()))
             problems.append(f"nodes have different {what} ({each}); {fix}")
@@ -143,10 +150,8 @@ def time_all_reduce(nbytes: int, device: str, repeats: int) -> tuple[float, list
     """Seconds per all-reduce of `nbytes` (the slowest rank's mean), and the ranks that got a wrong sum."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     tensor = torch.full((nbytes // 4,), float(rank + 1), device=device)
-    dist.all_reduce(tensor)  # 1 + 2 + ... + world_size everywhere, unless a link corrupts data
+    dist.all_reduce(tensor)  # untimed (it sets up buffers); it sums to 1 + 2 + ... + world_size, unless data is corrupted
     wrong = not bool((tensor == world_size * (world_size + 1) / 2).all())
-    for _ in range(WARMUP - 1):
-        dist.all_reduce(tensor)
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None  # GPU work is asynchronous
     sync()
     start = time.perf_counter()
@@ -207,9 +212,10 @@ def roll_call(store: dist.Store, args: argparse.Namespace) -> int:
     if rank == 0:
         ranks = posted(store, [f"rank/{r}" for r in range(world_size)], args.timeout)
         problems, who = check([json.loads(r) if r else None for r in ranks], backend, args.timeout)
-        store.set("plan", "stop" if problems else "connect")
         if problems:
             report(problems, who)
+        store.set("plan", "stop" if problems else "connect")
+        if problems:
             return 1
     elif posted(store, ["plan"], 2 * args.timeout) != ["connect"]:  # rank 0 waits up to --timeout first
         return 1
@@ -247,7 +253,7 @@ if __name__ == "__main__":
         "(default: 30)",
     )  # fmt: skip
     parser.add_argument(
-        "--repeats", type=cli.positive_int, default=5, metavar="N", help="timed all-reduces of each size, after 2 untimed ones (default: 5)"
+        "--repeats", type=cli.positive_int, default=5, metavar="N", help="timed all-reduces of each size, after an untimed one (default: 5)"
     )
     args = parser.parse_args()
     # Launched by torchrun? Dies with it. ("cpu": a rank without its GPU is reported with the other problems.)

@@ -35,8 +35,8 @@ def test_interface_that_does_not_exist_is_one_problem_line_with_its_fix(tmp_path
     problems = [line for line in result.stdout.splitlines() if line.startswith("problem:")]
     assert len(problems) == 1, result.stdout
     assert re.fullmatch(
-        rf"problem: ranks 0-1 on node 0 \({HOST}\): GLOO_SOCKET_IFNAME=nosuch0 names no interface that is up with an IPv4 address; "
-        r"it has .+: set GLOO_SOCKET_IFNAME=\S+",
+        rf"problem: ranks 0-1 on node 0 \({HOST}\): GLOO_SOCKET_IFNAME=nosuch0 names no interface that is up with an IPv4 address "
+        r"\(.+ here\); set GLOO_SOCKET_IFNAME=\S+",
         problems[0],
     ), problems[0]
     assert "all-reduce" not in result.stdout  # no attempt to connect: it would fail, less clearly
