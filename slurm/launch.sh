@@ -4,17 +4,15 @@
 #
 # runs SCRIPT (a path from the repository root) with ARGS under one torchrun per node of the job,
 # and requeues the job when Slurm warns of its time limit. The caller sets SNAPSHOT_PATH and
-# passes it in ARGS. See slurm/README.md.
+# passes it in ARGS. See slurm/README.md. slurm/preflight.sh uses find_rendezvous alone.
 
 fail() {
     echo "error: $*" >&2
     exit 1
 }
 
-launch_training() {
-    local script="$SLURM_SUBMIT_DIR/$1"
-    shift
-    [ -f "$script" ] || fail "$script not found; submit from the repository root"
+# Sets head_node and head_addr, where torchrun's rendezvous is, RDZV_PORT and NPROC_PER_NODE.
+find_rendezvous() {
     # The first node hosts the rendezvous. This script runs there, so this is how that node resolves
     # its own name: torchrun on it then recognises the address as its own. One address, IPv4.
     head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
@@ -24,6 +22,13 @@ launch_training() {
     RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
     # Nodes are alike (--nodes with per-node options): what the first node got, every node got.
     NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$SLURM_CPUS_ON_NODE}}
+}
+
+launch_training() {
+    local script="$SLURM_SUBMIT_DIR/$1"
+    shift
+    [ -f "$script" ] || fail "$script not found; submit from the repository root"
+    find_rendezvous
     # Restarted workers can hang on torchrun's shared rendezvous store (pytorch/pytorch#135712).
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
