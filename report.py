@@ -97,7 +97,7 @@ def describe(split: dict[str, float]) -> str:
     return ", ".join(f"{part} {share:.0%}" for part, share in shares(split).items())
 
 
-def advice(split: dict[str, float], data_fix: str) -> str | None:
+def advice(split: dict[str, float], data_fix: str, batch_setting: str) -> str | None:
     """One line of what to do when data or communication takes most of the step time, else None."""
     part, share = max(((p, s) for p, s in shares(split).items() if p != "compute"), key=lambda item: item[1])
     if share <= DOMINANT:
@@ -106,7 +106,7 @@ def advice(split: dict[str, float], data_fix: str) -> str | None:
         return f"data-bound: {share:.0%} of the step time waits for the data loader; {data_fix}"
     return (
         f"communication-bound: {share:.0%} of the step time waits for the gradient all-reduce; "
-        "a larger batch per process computes longer for each all-reduce"
+        f"a larger batch per process ({batch_setting}) computes longer for each all-reduce"
     )
 
 
@@ -162,7 +162,7 @@ class Report:
             f"{split['total']:.3f}s: {describe(split)}",
             flush=True,
         )
-        line = advice(split, data_fix="raise --num_workers")
+        line = advice(split, data_fix="raise --num_workers", batch_setting="--batch_size")
         if line and not self.advised and (epoch > 0 or max_epochs == 1):  # the first epoch warms up
             print(line, flush=True)
             self.advised = True
