@@ -41,25 +41,32 @@ CASES = {
 }  # fmt: skip
 
 
-def run_case(name: str, data: str, nproc: int) -> dict:
-    """One torchrun job in a scratch folder; returns the measured figures."""
+def run_mingpt(overrides: list[str], data: str, nproc: int) -> dict:
+    """One torchrun job of mingpt/main.py in a scratch folder: median tokens/s and MFU after the first (warm-up) interval."""
     with tempfile.TemporaryDirectory() as folder:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(REPO / "mingpt" / "main.py"), f"data_config.path={data}", *CASES[name],
+            str(REPO / "mingpt" / "main.py"), f"data_config.path={data}", *overrides,
         ]  # fmt: skip
-        result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+        env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        if not torch.cuda.is_available():
+            env["OMP_NUM_THREADS"] = "1"  # one core per rank
+        result = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            return {"case": name, "error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+            return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
         records = [json.loads(line) for line in Path(folder, "gpt_metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_s" in r][1:]  # drop the warm-up interval
     mfus = [r["mfu"] for r in steps if r["mfu"] is not None]
     return {
-        "case": name,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan"),
         "mfu": statistics.median(mfus) if mfus else None,
         "intervals": len(steps),
     }
+
+
+def device_slug(device: str) -> str:
+    """A file-name form of a device's name."""
+    return "".join(c if c.isalnum() else "-" for c in device.split("(")[0].strip().lower())
 
 
 def main() -> None:
@@ -85,7 +92,7 @@ def main() -> None:
     lines = [header, "", "| case | tokens/s (all ranks) | MFU | intervals |", "| --- | ---: | ---: | ---: |"]
     print(header, flush=True)
     for name in cases:
-        row = run_case(name, args.data, nproc)
+        row = run_mingpt(CASES[name], args.data, nproc)
         if "error" in row:
             lines.append(f"| {name} | failed: {row['error']} | | |")
         else:
@@ -93,8 +100,7 @@ def main() -> None:
             lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {mfu} | {row['intervals']} |")
         print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device.split("(")[0].strip().lower())
-    out = RESULTS / f"mingpt_{slug}.md"
+    out = RESULTS / f"mingpt_{device_slug(device)}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"written to {out.relative_to(REPO)}")
 

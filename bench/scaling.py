@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import statistics
@@ -27,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| steps (\d+) \| batch (\d+)(?: x (\d+) ranks)? .*\| ([0-9.]+)s$", re.M)
+from mingpt_throughput import REPO, RESULTS, device_slug, run_mingpt
+EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| steps (\d+) \| batch (\d+)(?: x (\d+) ranks)? .*\| ([0-9.]+)s: ", re.M)
 MINGPT_SMALL = [
     "gpt_config.n_layer=4", "gpt_config.n_head=4", "gpt_config.n_embd=256", "gpt_config.dropout=0.0",
     "data_config.block_size=64", "data_config.truncate=0.002", "trainer_config.batch_size=16", "trainer_config.max_epochs=1",
@@ -72,12 +70,7 @@ def step_throughput(workload: str, ranks: int | None) -> float:
 
 def mingpt_throughput(ranks: int, corpus: str) -> float:
     """Tokens/s over all ranks, from the logged intervals after the first."""
-    with tempfile.TemporaryDirectory() as folder:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               str(REPO / "mingpt" / "main.py"), f"data_config.path={corpus}", *MINGPT_SMALL]  # fmt: skip
-        run(cmd, folder)
-        records = [json.loads(line) for line in Path(folder, "gpt_metrics.jsonl").read_text().splitlines()]
-    return statistics.median([r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:])
+    return run_mingpt(MINGPT_SMALL, corpus, ranks)["tokens_per_s"]
 
 
 def measure(workload: str, ranks: int | None, repeats: int, corpus: str) -> float:
@@ -136,7 +129,7 @@ def main() -> None:
         cells = " | ".join(f"{row[n]:,.0f}" for n in ranks)
         lines.append(f"| {workload} ({unit[workload]}) | {row['single']:,.0f} | {cells} | {speedup:.2f} | {speedup / ranks[-1]:.2f} | {overhead} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device.lower())
+    slug = "cpu" if not on_gpu else device_slug(device)
     (RESULTS / f"scaling_{slug}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(table, ranks, RESULTS / f"scaling_{slug}.png", title)

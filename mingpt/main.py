@@ -10,7 +10,6 @@ prints a sample of text.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import os

@@ -278,7 +278,7 @@ def check_invocation(words: list[str], where: str) -> None:
             assert f"  {word.split('=')[0]}=" in usage, f"{where}: {script} has no setting {word}"
     if script in STEP_SCRIPTS:
         positional = [w for i, w in enumerate(words[2:]) if not w.startswith("-") and not words[1 + i].startswith("--")]
-        assert len(positional) == 2 and all(w.isdigit() for w in positional), f"{where}: {script} takes total_epochs save_every"
+        assert len(positional) in (0, 2) and all(w.isdigit() for w in positional), f"{where}: {script} takes [total_epochs save_every]"
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.kind in ("gpu", "cluster")], ids=lambda b: b.id)
