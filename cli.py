@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
+
+# The oldest torch this series is tested on: requirements.txt asks for it (tests/test_setup.py
+# checks they agree), and every step script names an older one in one line, first (check_torch).
+OLDEST_TORCH = (2, 11)
 
 # How long a rank that found a mistake waits for the rank that speaks for it to report it and
 # end the job (torchrun then stops this rank). Only if that never happens does it print itself.
@@ -215,3 +221,33 @@ def resolve_device(args: argparse.Namespace) -> str:
     if getattr(args, "sync_bn", False) and (choice != "cuda" or args.workload != "images"):
         fail("--sync_bn needs --workload images (the toy has no BatchNorm) on CUDA: torch's SyncBatchNorm does not run on CPUs")
     return choice
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    """The major and minor numbers of a torch version: "2.5.1+cu124" -> (2, 5), "2.11.0a0+git1234" -> (2, 11)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"not a torch version: {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_torch(version: str) -> None:
+    """One `warning:` line, before anything runs, if this torch is older than the series is tested on.
+
+    Every step script and mingpt/main.py import this module first among ours, so someone who
+    skipped `pip install -r requirements.txt` reads why, before any AttributeError a later line
+    might raise. A warning, not an error: an older torch may well run a step (steps 1-3 and minGPT
+    ran on torch 2.5.1), it is only not tested. Printed once per machine: by local rank 0 (each
+    node has its own torch), and not again by the processes mp.spawn starts (named SpawnProcess-N
+    while they import the script, and so this module, again).
+    """
+    if torch_release(version) < OLDEST_TORCH and rank_in("node") == 0 and multiprocessing.current_process().name == "MainProcess":
+        oldest = ".".join(map(str, OLDEST_TORCH))
+        print(
+            f"warning: this series is tested on torch {oldest} or newer, not {version}; "
+            "if something fails, pip install -r requirements.txt",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+
+
+check_torch(torch.__version__)

@@ -41,6 +41,8 @@ NUMBER = re.compile(r"\d[\d,.]*")
 STEP_SCRIPTS = ("single_gpu.py", "multigpu.py", "multigpu_torchrun.py", "multinode.py")
 SET_UP_ONLY = ("pip install", "python -m pytest")  # set-up lines that .ci/run runs itself, not this test
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"  # the capstone's text, where CI keeps it
+# What .ci/run adds to the README's install command: the exact versions it tests, and quiet.
+CI_INSTALL_EXTRA = ["-c", "constraints.txt", "--quiet", "--disable-pip-version-check"]
 
 
 @dataclass
@@ -193,12 +195,13 @@ def run_session(text: str, cwd: Path, where: str) -> None:
 def test_set_up_and_test_commands_are_what_ci_runs():
     setup = [b for b in BLOCKS if b.kind == "setup"]
     assert len(setup) == 1 and setup[0].line <= 3, "the README must open with the set-up block"
-    ci = (REPO / ".ci" / "run").read_text()
-    lines = commands(setup[0].text)
-    assert [line for line in lines if line.startswith(SET_UP_ONLY)] == ["pip install -r requirements.txt", "python -m pytest"]
-    for line in lines:
-        if line.startswith(SET_UP_ONLY):
-            assert line in ci, f".ci/run must run {line!r}, as the README says"
+    install, test = "pip install -r requirements.txt", "python -m pytest"
+    assert [line for line in commands(setup[0].text) if line.startswith(SET_UP_ONLY)] == [install, test]
+    ci = [line for line in commands((REPO / ".ci" / "run").read_text()) if line.startswith(SET_UP_ONLY)]
+    assert len(ci) == 2, f".ci/run must install once and test once: {ci}"
+    assert shlex.split(ci[0]) == shlex.split(install) + CI_INSTALL_EXTRA, f".ci/run must run {install!r} plus {CI_INSTALL_EXTRA}"
+    assert (REPO / "constraints.txt").is_file()
+    assert ci[1].split("||")[0].strip() == test, f".ci/run must run {test!r}, as the README says"
 
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: p.name)
