@@ -198,7 +198,7 @@ def main(device: str, args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = cli.ArgumentParser(description=__doc__)
     cli.add_training_args(parser)
-    cli.add_fault_tolerance_args(parser, snapshot_help="snapshot folder, on storage all nodes share (default: snapshot.dcp)", snapshot_default="snapshot.dcp")
+    cli.add_fault_tolerance_args(parser, snapshot_help="snapshot folder all nodes share (default: snapshot.dcp)", snapshot_default="snapshot.dcp")
     args = parser.parse_args()
 
     device = cli.resolve_device(args)

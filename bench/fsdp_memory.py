@@ -125,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for procs in args.procs:
             out = os.path.join(scratch, f"{procs}.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", __file__, "--device", device, "--worker", out]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", __file__, "--device", device, "--worker", out]  # fmt: skip
             subprocess.run(cmd, env=env, check=True, cwd=scratch, stdout=subprocess.DEVNULL)
             results[procs] = json.loads(Path(out).read_text())
     versions = f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ", gloo")

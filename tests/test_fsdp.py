@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import snapshots
 from conftest import REPO, Job, epochs, free_port, multinode_cmd, no_traceback_from, run, torchrun_cmd
+from test_bad_input import RunsCode
 
 ARGS = ("20", "5")  # 20 epochs, a snapshot every 5: every interrupted run must end as this one does
 SNAPSHOT = "snapshot.dcp"
@@ -107,16 +108,6 @@ def test_resume_on_another_process_count_reshards_and_learns_on(tmp_path):
     assert all(later < earlier for (_, earlier), (_, later) in zip(losses, losses[1:])), losses
     state = full_state(tmp_path / SNAPSHOT, tmp_path)
     assert (state["EPOCHS_RUN"], state["WORLD_SIZE"]) == (6, 2)
-
-
-class RunsCode:
-    """A pickle that would create a file when loaded by an unsafe loader."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def damage(snapshot: Path, kind: str) -> None:
