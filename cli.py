@@ -23,7 +23,9 @@ import torch.distributed.distributed_c10d as c10d
 # How long a rank that found a mistake waits for the rank that speaks for it to report it and
 # end the job (torchrun then stops this rank). Only if that never happens does it print itself.
 REPORTING_RANK_GRACE_S = 60
-REPORTED_KEY = "cli.fail/reported"  # in the job's store: a reporting rank has printed its error
+# In the job's store: a reporting rank has printed its error. torchrun's store outlives a restart
+# of the workers, so each attempt has a key of its own.
+REPORTED_KEY = f"cli.fail/reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def rank_in(scope: str) -> int:
