@@ -20,6 +20,7 @@ from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 # The oldest torch this series is tested on: requirements.txt asks for it (tests/test_setup.py
 # checks they agree), and every step script names an older one in one line, first (check_torch).
@@ -28,6 +29,9 @@ OLDEST_TORCH = (2, 11)
 # How long a rank that found a mistake waits for the rank that speaks for it to report it and
 # end the job (torchrun then stops this rank). Only if that never happens does it print itself.
 REPORTING_RANK_GRACE_S = 60
+# In the job's store: a reporting rank has printed its error. torchrun's store outlives a restart
+# of the workers, so each attempt has a key of its own.
+REPORTED_KEY = f"cli.fail/reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def rank_in(scope: str) -> int:
@@ -49,15 +53,35 @@ def fail(message: str, scope: str = "job", reporter: bool | None = None) -> NoRe
     global rank 0 reports it. scope "node": every rank of one node finds it (its GPUs, its disk);
     that node's local rank 0 reports it. `reporter` overrides who does. The other ranks wait, up
     to REPORTING_RANK_GRACE_S, for the reporter to end the job: if they exited first, torchrun
-    would stop the reporting rank before it printed, and the line would be lost.
+    would stop the reporting rank before it printed, and the line would be lost. Once a process
+    group exists, the reporter also says in the job's store that it has printed, and the others
+    then leave quietly: a reporter on another node ends only its own node's processes.
 
     Raising SystemExit (rather than calling os._exit) lets `finally` blocks run, so the
     process group is still destroyed on this path.
     """
-    if not (rank_in(scope) == 0 if reporter is None else reporter):
-        time.sleep(REPORTING_RANK_GRACE_S)  # torchrun (or mp.spawn) normally stops us here
+    if not (rank_in(scope) == 0 if reporter is None else reporter) and reported_elsewhere():
+        raise SystemExit(1)
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        try:
+            c10d._get_default_store().set(REPORTED_KEY, "1")
+        except Exception:  # the store went with the node that held it: its processes are ending anyway
+            pass
     raise SystemExit(1)
+
+
+def reported_elsewhere() -> bool:
+    """Wait up to REPORTING_RANK_GRACE_S for a reporting rank to print its error (torchrun or
+    mp.spawn normally stops this process first); False if none did, and this one must print."""
+    if not dist.is_initialized():
+        time.sleep(REPORTING_RANK_GRACE_S)
+        return False
+    try:
+        c10d._get_default_store().wait([REPORTED_KEY], datetime.timedelta(seconds=REPORTING_RANK_GRACE_S))
+    except Exception as err:  # timed out; or the store went with the process or node that held it, as the job ends
+        return "timeout" not in str(err).lower()
+    return True
 
 
 def brief(err: BaseException, limit: int = 200) -> str:
@@ -178,9 +202,9 @@ def add_training_args(parser: argparse.ArgumentParser, distributed: bool = True)
         )
 
 
-def add_fault_tolerance_args(parser: ArgumentParser, snapshot_help: str) -> None:
-    """--snapshot_path, and the flags that simulate a crash or a hang (steps 3-4)."""
-    parser.add_argument("--snapshot_path", default="snapshot.pt", help=snapshot_help)
+def add_fault_tolerance_args(parser: ArgumentParser, snapshot_help: str, snapshot_default: str = "snapshot.pt") -> None:
+    """--snapshot_path, and the flags that simulate a crash or a hang (steps 3, 4 and 6)."""
+    parser.add_argument("--snapshot_path", default=snapshot_default, help=snapshot_help)
     parser.add_argument(
         "--simulate_failure_at",
         type=positive_int,

@@ -119,18 +119,23 @@ def cifar10(data_dir: str) -> tuple[Dataset, Dataset]:
     return AugmentedImages(train), datasets.CIFAR10(data_dir, train=False, transform=to_tensor)
 
 
-def load_train_objs(workload: str = "toy", data_dir: str = "./data") -> tuple[Dataset, Dataset, torch.nn.Module, torch.optim.Optimizer]:
+def load_train_objs(
+    workload: str = "toy", data_dir: str = "./data", shard: Callable[[torch.nn.Module], None] = lambda model: None
+) -> tuple[Dataset, Dataset, torch.nn.Module, torch.optim.Optimizer]:
     """The training set, the validation set, the model and the optimizer.
 
-    Seeded, so every run starts from the same weights."""
+    Seeded, so every run starts from the same weights. `shard` (FSDP) replaces the model's parameters
+    with this process's shards: it runs before the optimizer is made, so that it holds the shards."""
     torch.manual_seed(0)
     if workload == "images":
         from torchvision.models import resnet18
 
         model = resnet18(num_classes=10)
+        shard(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         return *cifar10(data_dir), model, optimizer
     model = torch.nn.Linear(IN_FEATURES, 1)
+    shard(model)
     # Momentum gives the optimizer real state: a resume that lost it would train differently.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     return MyTrainDataset(2048), MyTrainDataset(TOY_VAL_SIZE, seed=1), model, optimizer
@@ -144,15 +149,20 @@ def loss_fn(output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Any, device: str) -> torch.Tensor:
+def evaluate(model: torch.nn.Module, data: Any, device: str, forwards: int | None = None) -> torch.Tensor:
     """Sums over `data`: [loss, samples] for a regression, [loss, samples, correct] for class labels.
 
     Sums, not means, so that processes that each evaluated a shard can add theirs up exactly.
+    `forwards`: run the model this many times, however many batches `data` has (FSDP, whose forward
+    is a collective that every rank must join as often as the others). The runs past the last batch
+    get an empty batch (of `data.dataset`'s shapes), which adds nothing to the sums.
     """
     was_training = model.training
     model.eval()
     sums = None
-    for source, targets in data:
+    batches = iter(data)
+    for step in range(len(data) if forwards is None else forwards):
+        source, targets = next(batches) if step < len(data) else [part[:0] for part in data.collate_fn([data.dataset[0]])]
         source = source.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         output = model(source)

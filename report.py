@@ -9,6 +9,9 @@ The split of the step time is measured, not modelled:
   `optimizer.step()` is called, i.e. when backward has returned with every gradient averaged;
 - compute: the rest (copies to the device, forward, backward, optimizer step).
 
+FSDP has no communication hook: there its all-gathers and reduce-scatters are counted with the
+compute, and the split says "compute+comm".
+
 On a GPU the marks are CUDA events on the compute stream, so they time the GPU's work, not the
 host's queueing; they are read once per epoch.
 """
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 DOMINANT = 0.4  # data or communication above this share of the step time gets one line of advice
@@ -38,6 +42,7 @@ class StepTimer:
         optimizer.register_step_pre_hook(self._before_optimizer_step)
         if isinstance(model, DDP):
             model.register_comm_hook(None, self._comm_hook)
+        self.untimed_comm = isinstance(model, FSDPModule)  # FSDP has no communication hook to mark it with
 
     def _mark(self) -> Any:
         if not self.cuda:
@@ -84,13 +89,16 @@ class StepTimer:
         data = sum(self._seconds(*pair) for pair in self.data)
         comm = sum(self._seconds(*pair) for pair in self.comm)
         split = {"total": total, "data": data, "compute": max(total - data - comm, 0.0), "comm": comm, "steps": self.steps}
+        if self.untimed_comm:  # not 0: inside the compute, unmeasured
+            split["compute+comm"] = split.pop("compute") + split.pop("comm")
         self.data, self.comm, self.steps, self.start = [], [], 0, end
         return split
 
 
 def shares(split: dict[str, float]) -> dict[str, float]:
     """Each part's share of the total time."""
-    return {part: split[part] / split["total"] if split["total"] > 0 else 0.0 for part in ("data", "compute", "comm")}
+    parts = [part for part in ("data", "compute", "comm", "compute+comm") if part in split]
+    return {part: split[part] / split["total"] if split["total"] > 0 else 0.0 for part in parts}
 
 
 def describe(split: dict[str, float]) -> str:
@@ -99,7 +107,7 @@ def describe(split: dict[str, float]) -> str:
 
 def advice(split: dict[str, float], data_fix: str, batch_setting: str) -> str | None:
     """One line of what to do when data or communication takes most of the step time, else None."""
-    part, share = max(((p, s) for p, s in shares(split).items() if p != "compute"), key=lambda item: item[1])
+    part, share = max(((p, s) for p, s in shares(split).items() if p in ("data", "comm")), key=lambda item: item[1])
     if share <= DOMINANT:
         return None
     if part == "data":
@@ -168,4 +176,4 @@ class Report:
             self.advised = True
         samples_per_s = split["steps"] * batch_size * ranks / split["total"]
         metrics = {"loss/train": loss, **{name.replace(" ", "/"): value for name, value in val.items()}, "throughput/samples_per_s": samples_per_s}
-        self.tensorboard.scalars(epoch + 1, {**metrics, **{f"step_time/{part}": share for part, share in shares(split).items()}})
+        self.tensorboard.scalars(epoch + 1, {**metrics, **{f"step_time/{part.replace('+', '_')}": share for part, share in shares(split).items()}})

@@ -4,13 +4,21 @@ A snapshot is everything needed to continue training as if nothing had happened.
 atomically (a kill at any moment leaves the old file or the new one), read with
 `weights_only=True` (a planted pickle is refused, never run), and checked before use; a file
 that cannot be used is reported in one line and left untouched.
+
+FSDP's snapshots are sharded (torch.distributed.checkpoint, DCP): a folder in which every rank
+writes its own shards. They keep the same promises: each is written into a new folder, and a small
+pointer file, replaced atomically once every rank has finished, names the newest complete one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import glob
+import io
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 import uuid
@@ -18,10 +26,22 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 import cli
 
+# torch.distributed.checkpoint (DCP), for FSDP's sharded snapshots, is imported where it is used: it
+# takes a second or more to import, which the steps that do not use it need not wait for.
+
 SNAPSHOT_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE", "EPOCHS_RUN")
+POINTER = "latest.pt"  # in a folder of sharded snapshots: names the newest complete one
+SHARDED_PREFIX = "epoch-"  # the sharded snapshots in that folder: epoch-0030, epoch-0040, ...
+# What the .metadata file of a sharded snapshot may name when unpickled, besides DCP's own data
+# classes and enums (see check_metadata); anything else could run code.
+METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}  # fmt: skip
 
 
 class SnapshotError(Exception):
@@ -116,8 +136,13 @@ def restore(snapshot: dict[str, Any], path: str, model: torch.nn.Module, optimiz
     global batch changed, and which --batch_size would keep it.
     """
     try:
-        model.load_state_dict(snapshot["MODEL_STATE"])
-        optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
+        if isinstance(model, FSDPModule):  # sharded states, by parameter name (read_shards)
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=snapshot["MODEL_STATE"], optim_state_dict=snapshot["OPTIMIZER_STATE"])
+        else:
+            model.load_state_dict(snapshot["MODEL_STATE"])
+            optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         cli.fail(f"{path} was saved from a different model or optimizer ({cli.brief(err)}); {start_afresh(path)}")
     if batch_size and "WORLD_SIZE" in snapshot and cli.is_rank_zero():
@@ -147,16 +172,26 @@ def writes_copy(path: str) -> bool:
     a marker file there and looking for the others' markers.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    mine = f".{name}.{uuid.uuid4().hex}.node" if cli.rank_in("node") == 0 else None  # a name no earlier run used
+    mine = cli.rank_in("node") == 0
+    sharing = ranks_seen(folder, f".{name}.", leave_marker=mine)
+    return mine and min(sharing) == dist.get_rank()
+
+
+def ranks_seen(folder: str, prefix: str, leave_marker: bool) -> list[int]:
+    """Collective: the ranks whose marker file this rank sees in `folder`; each rank with `leave_marker` leaves one.
+
+    A marker has a name no earlier run used; every rank has looked before any marker is removed.
+    """
+    mine = f"{prefix}{uuid.uuid4().hex}.marker" if leave_marker else None
     if mine:
         open(os.path.join(folder, mine), "w").close()
     markers: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(markers, mine)
-    sharing = [rank for rank, marker in enumerate(markers) if mine and marker and os.path.exists(os.path.join(folder, marker))]
-    dist.barrier()  # every node has looked before any marker goes
+    seen = [rank for rank, marker in enumerate(markers) if marker and os.path.exists(os.path.join(folder, marker))]
+    dist.barrier()
     if mine:
         os.remove(os.path.join(folder, mine))
-    return bool(mine) and min(sharing) == dist.get_rank()
+    return seen
 
 
 def newest_copy(path: str, progress: Callable[[dict[str, Any]], Any], required_keys: tuple[str, ...] = SNAPSHOT_KEYS) -> dict[str, Any] | None:
@@ -186,3 +221,155 @@ def newest_copy(path: str, progress: Callable[[dict[str, Any]], Any], required_k
     message = [snapshot]
     dist.broadcast_object_list(message, src=source)
     return message[0]
+
+
+def check_shared_folder(path: str) -> None:
+    """Collective: make the snapshot folder `path`, and fail unless every rank sees the files every other rank writes in it.
+
+    A sharded snapshot has a part from every rank, and a resume (on any number of processes) reads
+    pieces of every part, so all nodes must reach one folder: shared storage. Each rank leaves a
+    marker there; a rank that misses another's is on a node that sees another folder by that name.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        cli.fail(f"{path} is a file, but FSDP's sharded snapshots are folders; pass another --snapshot_path", scope="node")
+    os.makedirs(path, exist_ok=True)
+    missing = sorted(set(range(dist.get_world_size())) - set(ranks_seen(path, ".rank-", leave_marker=True)))
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), missing))
+    blind = [rank for rank, (_, missed) in enumerate(views) if missed]
+    if blind:
+        node, missed = views[blind[0]]
+        cli.fail(
+            f"{path} is not shared: rank {blind[0]} on node {node} does not see the files of rank{'s' * (len(missed) > 1)} "
+            f"{', '.join(map(str, missed))} there. Every rank writes part of each snapshot and may read any other's: "
+            "put --snapshot_path on storage every node mounts (NFS, Lustre, ...), at the same path",
+            reporter=dist.get_rank() == blind[0],
+        )
+
+
+def save_shards(snapshot: dict[str, Any], path: str, epochs_run: int) -> None:
+    """Collective: save a sharded snapshot in folder `path`, so that a kill at any moment leaves a usable one.
+
+    Every rank writes its shards (dcp.save) into a new folder, epoch-NNNN; once all have finished,
+    rank 0 replaces the pointer file (atomic_save) to name it, then removes the older folders.
+    Until then the pointer names the previous snapshot, which is left whole.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    name = f"{SHARDED_PREFIX}{epochs_run:04d}"
+    if dist.get_rank() == 0 and os.path.exists(os.path.join(path, name)):  # left by a save that was killed
+        shutil.rmtree(os.path.join(path, name))
+    dist.barrier()  # removed before anyone writes there
+    try:
+        dcp.save(snapshot, checkpoint_id=os.path.join(path, name))
+    except dcp.CheckpointException as err:
+        raise_exit(err)
+        raise
+    dist.barrier()  # every rank's shards are written (and rank 0's .metadata, which lists them)
+    if dist.get_rank() == 0:
+        atomic_save({"FOLDER": name}, os.path.join(path, POINTER))
+        for old in glob.glob(os.path.join(glob.escape(path), SHARDED_PREFIX + "*")):
+            if os.path.basename(old) != name:
+                shutil.rmtree(old)
+
+
+def read_shards(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Collective: the newest sharded snapshot in folder `path`, read into this rank's shards; None if it has none.
+
+    Every rank reads the pieces of the shards it holds now (dcp.load), whichever ranks wrote them,
+    so the number of processes may differ from the run that saved. Anything that is not such a
+    snapshot of this model ends the job with one line, and is left untouched.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    choice: list[Any] = [(None, None)]  # (the folder's name, or an error)
+    if dist.get_rank() == 0 and os.path.exists(os.path.join(path, POINTER)):
+        try:
+            choice = [(read_or_raise(os.path.join(path, POINTER), "cpu", required_keys=("FOLDER",))["FOLDER"], None)]
+        except SnapshotError as err:
+            choice = [(None, str(err))]
+        name = choice[0][0]
+        if choice[0][1] is None and not (isinstance(name, str) and name.startswith(SHARDED_PREFIX) and os.path.basename(name) == name):
+            choice = [(None, f"{path}/{POINTER} names no snapshot folder ({name!r}); {start_afresh(path)}")]
+    dist.broadcast_object_list(choice, src=0)  # every rank reads the same snapshot, whatever its file system caches
+    name, error = choice[0]
+    if error:
+        cli.fail(error)
+    if name is None:
+        return None
+    folder = os.path.join(path, name)
+    check_metadata(folder, path)
+    # Asked only now: for a fresh optimizer, get_optimizer_state_dict makes the state by a step with zero gradients.
+    snapshot = {
+        "MODEL_STATE": get_model_state_dict(model),
+        "OPTIMIZER_STATE": get_optimizer_state_dict(model, optimizer),
+        **dict.fromkeys(("EPOCHS_RUN", "WORLD_SIZE", "BATCH_SIZE"), 0),
+    }
+    planner = weights_only_load_planner()
+    try:
+        dcp.load(snapshot, checkpoint_id=folder, planner=planner)
+    except dcp.CheckpointException as err:  # missing or damaged files, or another model's snapshot: raised on every rank
+        raise_exit(err)
+        if planner.refused:
+            cli.fail(f"{folder} holds {planner.refused}, a pickle that could run code when loaded, so it was not loaded; {start_afresh(path)}")
+        failure = next(iter(err.failures.values()))[0]
+        cli.fail(f"{folder} is not a readable snapshot of this model ({cli.brief(failure)}); {start_afresh(path)}")
+    return snapshot
+
+
+def raise_exit(err: Any) -> None:
+    """Raise the SystemExit (SIGTERM: see the steps' main) that DCP turned into a CheckpointException, if it did, on any rank."""
+    for failure, _ in err.failures.values():
+        if isinstance(failure, SystemExit):
+            raise failure from None
+
+
+def check_metadata(folder: str, path: str) -> None:
+    """Fail unless `folder`/.metadata unpickles to DCP's metadata alone.
+
+    dcp.load unpickles it with no restriction: a planted one could run code. So it is first read
+    with an unpickler that knows only the classes DCP's metadata is made of.
+    """
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            found = super().find_class(module, name) if module.startswith("torch.distributed.checkpoint.") else None
+            ours = dataclasses.is_dataclass(found) or (isinstance(found, type) and issubclass(found, enum.Enum))
+            is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if not (ours or is_dtype or (module, name) in METADATA_GLOBALS):
+                raise SnapshotError(
+                    f"{folder}/.metadata names {module}.{name}, which could run code when loaded, so it was not loaded; {start_afresh(path)}"
+                )
+            return super().find_class(module, name)
+
+    try:
+        with open(os.path.join(folder, ".metadata"), "rb") as file:
+            Restricted(file).load()
+    except SnapshotError as err:
+        cli.fail(str(err))
+    except Exception as err:  # missing, truncated, not a pickle
+        cli.fail(f"{folder} is not a readable snapshot ({cli.brief(err)}); {start_afresh(path)}")
+
+
+def weights_only_load_planner() -> Any:
+    """dcp.load's planner, except that the values that are not tensors are unpickled with weights_only=True.
+
+    DCP keeps such values (epochs, the optimizer's settings) as pickles, and loads them with
+    weights_only=False, which would run code planted in a snapshot.
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        refused: str | None = None  # the key of a value refused
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError:
+                self.refused = read_item.dest_index.fqn
+                raise
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return WeightsOnlyLoadPlanner()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one call, for a lent GPU machine: each step through NCCL, then minGPT
+# Every GPU check in one call, for a lent GPU machine: each step (FSDP too) through NCCL, then minGPT
 # throughput and MFU (bf16, with and without torch.compile, default and GPT-2 small shapes).
 #
 #   bash bench/gpu_check.sh path/to/tinyshakespeare.txt            # on a CUDA machine
@@ -25,6 +25,8 @@ cd "$work"
     python "$repo/multigpu.py" 5 5 --device "$device"
     torchrun --standalone --nproc_per_node="$nproc" "$repo/multigpu_torchrun.py" 5 5 --device "$device"
     torchrun --standalone --nproc_per_node="$nproc" "$repo/multinode.py" 5 5 --device "$device" --snapshot_path step4_snapshot.pt
+    torchrun --standalone --nproc_per_node="$nproc" "$repo/fsdp.py" 5 5 --device "$device" --snapshot_path step6_snapshot.dcp
+    torchrun --standalone --nproc_per_node="$nproc" "$repo/fsdp.py" 1 1 --device "$device" --workload images --data_dir fake --snapshot_path step6_images.dcp
 } 2>&1 | tee "$results/gpu_check_steps.log"
 # shellcheck disable=SC2086  # CASES is a list of words
 python "$repo/bench/mingpt_throughput.py" --data "$data" ${CASES:+--cases $CASES} 2>&1 | tee "$results/gpu_check_mingpt.log"

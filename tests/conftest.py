@@ -45,12 +45,12 @@ def torchrun_cmd(script: str, *args: str, nproc: int = 2, max_restarts: int = 0)
     ]  # fmt: skip
 
 
-def multinode_cmd(port: int, rdzv_id: str, *args: str, max_restarts: int = 3) -> list[str]:
+def multinode_cmd(port: int, rdzv_id: str, *args: str, max_restarts: int = 3, script: str = "multinode.py") -> list[str]:
     """One node's torchrun agent of a two-node job (one process per node) meeting at 127.0.0.1."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
         f"--max-restarts={max_restarts}", f"--rdzv_id={rdzv_id}", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{port}", str(REPO / "multinode.py"), *args,
+        f"--rdzv_endpoint=127.0.0.1:{port}", str(REPO / script), *args,
     ]  # fmt: skip
 
 

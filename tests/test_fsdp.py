@@ -1,0 +1,221 @@
+"""Step 6, fsdp.py: sharded training that learns, sharded snapshots that survive kills, resume on
+another number of processes, refuse what they cannot use, and need storage every node shares.
+
+Real torchrun processes on CPU with gloo; the final states are compared whole, gathered from
+every rank's shards, bit for bit.
+"""
+
+import hashlib
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import snapshots
+from conftest import REPO, Job, epochs, free_port, multinode_cmd, no_traceback_from, run, torchrun_cmd
+from test_bad_input import RunsCode
+
+ARGS = ("20", "5")  # 20 epochs, a snapshot every 5: every interrupted run must end as this one does
+SNAPSHOT = "snapshot.dcp"
+
+
+def full_state(folder: Path, scratch: Path) -> dict:
+    """A sharded snapshot gathered whole (every rank's shards), as torch.save would hold it."""
+    pointer = torch.load(folder / snapshots.POINTER, weights_only=True)
+    dcp_to_torch_save(folder / pointer["FOLDER"], scratch / "whole.pt")
+    return torch.load(scratch / "whole.pt", weights_only=True)
+
+
+def tensors(state: dict) -> dict[str, torch.Tensor]:
+    found = {f"model.{k}": v for k, v in state["MODEL_STATE"].items()}
+    for name, values in state["OPTIMIZER_STATE"]["state"].items():
+        found.update({f"optim.{name}.{k}": v for k, v in values.items() if torch.is_tensor(v)})
+    return found
+
+
+def assert_bit_identical(folder: Path, reference: dict, scratch: Path) -> None:
+    state = full_state(folder, scratch)
+    assert state["EPOCHS_RUN"] == reference["EPOCHS_RUN"]
+    a, b = tensors(state), tensors(reference)
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a), a.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs from the uninterrupted run"
+
+
+def resumed_from(output: str) -> int:
+    """Epochs done in the snapshot the run resumed from; checks no epoch after it was repeated or skipped."""
+    marker = f"Resuming from {SNAPSHOT}: "
+    assert marker in output, output[-3000:]
+    done = int(output.split(marker)[-1].split()[0])
+    assert done % 5 == 0 and done > 0, done
+    assert [n for n, _ in epochs(output.split(marker)[-1])] == list(range(done + 1, int(ARGS[0]) + 1))
+    return done
+
+
+@pytest.fixture(scope="session")
+def fsdp_reference(tmp_path_factory) -> tuple[str, dict, Path]:
+    """An uninterrupted 2-rank `fsdp.py 20 5`: its output, its final state gathered whole, its snapshot folder."""
+    folder = tmp_path_factory.mktemp("fsdp_reference")
+    result = run(torchrun_cmd("fsdp.py", *ARGS), folder)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout, full_state(folder / SNAPSHOT, folder), folder / SNAPSHOT
+
+
+def test_fsdp_learns_and_saves_one_shard_per_rank(fsdp_reference, tmp_path):
+    output, state, _ = fsdp_reference
+    losses = epochs(output)
+    assert [n for n, _ in losses] == list(range(1, 21))
+    assert losses[-1][1] < 0.01 * losses[0][1], losses  # as multinode.py's: from about 19 to 1e-4
+    assert "steps 32 | batch 32 x 2 ranks" in output and "compute+comm" in output  # FSDP's communication is not timed apart
+    assert [f"Epoch {n} | snapshot saved" in output for n in (5, 10, 15, 20)] == [True] * 4
+    assert state["EPOCHS_RUN"] == 20 and state["WORLD_SIZE"] == 2 and state["BATCH_SIZE"] == 32
+    assert state["OPTIMIZER_STATE"]["state"]["weight"]["momentum_buffer"].shape == (1, 20)
+
+
+def test_killed_workers_are_restarted_and_end_bit_identical(tmp_path, jobs, fsdp_reference):
+    job = jobs(torchrun_cmd("fsdp.py", *ARGS, max_restarts=3), tmp_path)
+    job.wait_for(r"Epoch 8/20")
+    os.kill(job.worker(local_rank=1), signal.SIGKILL)  # a crash
+    job.wait_for(r"Resuming from snapshot.dcp: 5 epochs done[^$]*Epoch 13/20")
+    os.kill(job.worker(local_rank=1), signal.SIGTERM)  # a preemption: the worker leaves cleanly, through its `finally`
+    assert job.wait() == 0, job.output()[-3000:]
+    output = job.output()
+    assert "exitcode: 143" in output and no_traceback_from("fsdp.py", output), output[-3000:]
+    assert resumed_from(output) == 10
+    assert_bit_identical(tmp_path / SNAPSHOT, fsdp_reference[1], tmp_path)
+    assert sorted(os.listdir(tmp_path / SNAPSHOT)) == ["epoch-0020", snapshots.POINTER]  # older folders removed, no markers left
+
+
+def test_resume_on_another_process_count_reshards_and_learns_on(tmp_path):
+    first = run(torchrun_cmd("fsdp.py", "3", "3", nproc=1), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(torchrun_cmd("fsdp.py", "6", "3", nproc=2), tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming from snapshot.dcp: 3 epochs done" in second.stdout
+    assert "Note: the global batch changed from 1 x 32 = 32 to 2 x 32 = 64" in second.stdout
+    losses = epochs(first.stdout) + epochs(second.stdout)
+    assert [n for n, _ in losses] == list(range(1, 7)), losses
+    # The loss falls on after the resume: the weights and momentum were re-sharded, not reset.
+    assert all(later < earlier for (_, earlier), (_, later) in zip(losses, losses[1:])), losses
+    state = full_state(tmp_path / SNAPSHOT, tmp_path)
+    assert (state["EPOCHS_RUN"], state["WORLD_SIZE"]) == (6, 2)
+
+
+def damage(snapshot: Path, kind: str) -> None:
+    folder = snapshot / torch.load(snapshot / snapshots.POINTER, weights_only=True)["FOLDER"]
+    if kind == "truncated shard":
+        shard = folder / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:  # a planted .metadata
+        (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(str(snapshot.parent / "CODE_RAN"))))
+
+
+@pytest.mark.parametrize(
+    "kind, says",
+    [("truncated shard", "is not a readable snapshot of this model"), ("planted pickle", "could run code when loaded, so it was not loaded")],
+)
+def test_unusable_snapshot_is_refused_in_one_line_and_left_untouched(tmp_path, fsdp_reference, kind, says):
+    shutil.copytree(fsdp_reference[2], tmp_path / SNAPSHOT)
+    damage(tmp_path / SNAPSHOT, kind)
+    digests = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (tmp_path / SNAPSHOT).rglob("*") if path.is_file()}
+    result = run(torchrun_cmd("fsdp.py", "30", "5"), tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and says in errors[0] and "move snapshot.dcp away" in errors[0], output[-3000:]
+    assert no_traceback_from("fsdp.py", output) and epochs(output) == []
+    assert not (tmp_path / "CODE_RAN").exists(), "loading the snapshot ran code"
+    after = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (tmp_path / SNAPSHOT).rglob("*") if path.is_file()}
+    assert after == digests, "the snapshot folder was modified"
+
+
+# Saves sharded snapshots (two ranks, 4 MB each, every value = the save's number) as fast as it can.
+WRITER = f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+import snapshots
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+snapshots.check_shared_folder(sys.argv[1])
+for n in range(1, 10**9):
+    weights = DTensor.from_local(torch.full((1_000_000,), float(n)), mesh, [Shard(0)])
+    snapshots.save_shards({{"MODEL_STATE": {{"w": weights}}, "EPOCHS_RUN": n}}, sys.argv[1], n)
+    if n == 1 and dist.get_rank() == 0:
+        print("writing", flush=True)
+"""
+
+
+def test_sigkill_during_saves_leaves_the_pointer_on_a_complete_snapshot(tmp_path):
+    script, path = tmp_path / "writer.py", tmp_path / SNAPSHOT
+    script.write_text(WRITER)
+    rng, interrupted = random.Random(0), []
+    for attempt in range(2):
+        job = Job(torchrun_cmd(str(script), str(path)), tmp_path, name=f"writer{attempt}")
+        try:
+            job.wait_for("writing", timeout=60)
+            time.sleep(rng.uniform(0.2, 1.0))
+            os.kill(job.worker(local_rank=rng.randrange(2)), signal.SIGKILL)
+            job.wait(timeout=60)
+        finally:
+            job.stop()
+        state = full_state(path, tmp_path)  # the snapshot the pointer names: whole, both shards, one save's values
+        weights = state["MODEL_STATE"]["w"]
+        assert weights.shape == (2_000_000,) and bool((weights == state["EPOCHS_RUN"]).all()), "a snapshot mixed two saves"
+        newest = max(int(name.split("-")[1]) for name in os.listdir(path) if name.startswith("epoch-"))
+        interrupted.append(newest > state["EPOCHS_RUN"])  # a newer folder: the kill came in the middle of its save
+    assert any(interrupted), "no kill landed during a save"
+
+
+def test_nodes_that_do_not_share_the_snapshot_folder_are_refused_in_one_line(tmp_path, jobs):
+    port, rdzv_id = free_port(), uuid.uuid4().hex[:8]
+    nodes = []
+    for name in ("node0", "node1"):  # two agents, each in its own folder: snapshot.dcp is not the same folder
+        (tmp_path / name).mkdir()
+        nodes.append(jobs(multinode_cmd(port, rdzv_id, "3", "1", max_restarts=0, script="fsdp.py"), tmp_path / name, name="agent"))
+    for node in nodes:
+        assert node.wait(timeout=120) != 0
+    output = "".join(node.output() for node in nodes)
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output[-4000:]
+    assert re.search(r"snapshot.dcp is not shared: rank 0 on node \S+ does not see the files of rank 1", errors[0])
+    assert "put --snapshot_path on storage every node mounts" in errors[0]
+    assert epochs(output) == [] and no_traceback_from("fsdp.py", output)
+
+
+# fsdp.py's own _evaluate on a held-out set of 9 samples, batches of 2: rank 0 has 5 samples in
+# 3 batches, rank 1 has 4 in 2. Every rank must still run as many (collective) forwards.
+EVALUATOR = f"""
+import sys, types, torch, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+import datautils, fsdp
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model, val_set = torch.nn.Linear(datautils.IN_FEATURES, 1), datautils.MyTrainDataset(9, seed=1)
+whole = datautils.metrics(datautils.evaluate(model, [val_set[range(9)]], "cpu"))
+fsdp.shard_model(model, "cpu", types.SimpleNamespace(sync_bn=False, workload="toy"))
+loader = fsdp.prepare_dataloader(val_set, 2, 0, train=False)
+trainer = types.SimpleNamespace(model=model, val_data=loader, device="cpu")
+sharded = fsdp.Trainer._evaluate(trainer)
+print(f"rank {{dist.get_rank()}}: {{len(loader)}} batches, {{sharded}} vs {{whole}}", flush=True)
+assert abs(sharded["val loss"] - whole["val loss"]) < 1e-6 * whole["val loss"]
+dist.destroy_process_group()
+"""
+
+
+def test_evaluation_on_unequal_shards_runs_equal_forwards_and_counts_every_sample_once(tmp_path):
+    script = tmp_path / "evaluator.py"
+    script.write_text(EVALUATOR)
+    result = run(torchrun_cmd(str(script)), tmp_path, timeout=60)  # a rank that ran fewer forwards would hang the other
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "rank 0: 3 batches" in result.stdout and "rank 1: 2 batches" in result.stdout
