@@ -7,9 +7,11 @@ worker outlives the process that started it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import datetime
+import gc
 import os
 import re
 import signal
@@ -70,9 +72,21 @@ def spawned_worker(world_size: int) -> None:
 
 
 def guard_worker() -> None:
-    """A worker ends when it is told to or orphaned, even while stuck in C++ code."""
+    """A worker ends when it is told to or orphaned, even while stuck in C++ code, and cleanly."""
     exit_with_parent()
     end_on_sigterm_when_stuck()
+    atexit.register(end_process_group_left_up)
+
+
+def end_process_group_left_up() -> None:
+    """At exit, destroy a process group that an error left up (a step destroys its own in `finally`).
+
+    A process that exits with its group still up can abort on the way out ("terminate called
+    without an active exception"), and then reports a crash instead of its error.
+    """
+    if dist.is_initialized():
+        gc.collect()  # first whatever still uses the group
+        dist.destroy_process_group()
 
 
 def end_on_sigterm_when_stuck() -> None:
