@@ -38,7 +38,7 @@ from conftest import REPO
 READMES = [REPO / "README.md", REPO / "README.zh-CN.md"]
 BLOCK = re.compile(r'<!-- test: (\w+)([^;>]*)(?:; run with "(.*?)" => "(.*?)")? -->\n```\w*\n(.*?)^```', re.DOTALL | re.MULTILINE)
 NUMBER = re.compile(r"\d[\d,.]*")
-STEP_SCRIPTS = ("single_gpu.py", "multigpu.py", "multigpu_torchrun.py", "multinode.py")
+STEP_SCRIPTS = ("single_gpu.py", "multigpu.py", "multigpu_torchrun.py", "multinode.py", "fsdp.py")
 SET_UP_ONLY = ("pip install", "python -m pytest")  # set-up lines that .ci/run runs itself, not this test
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"  # the capstone's text, where CI keeps it
 # What .ci/run adds to the README's install command: the exact versions it tests, and quiet.
