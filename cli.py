@@ -148,9 +148,7 @@ def seconds(text: str) -> datetime.timedelta:
 def add_training_args(parser: argparse.ArgumentParser, distributed: bool = True) -> None:
     """The arguments every step takes the same way; `distributed`: those of steps 2-4 (no MPS, --timeout)."""
     parser.add_argument("total_epochs", nargs="?", default=50, type=positive_int, help="how many epochs to train (default: 50)")
-    parser.add_argument(
-        "save_every", nargs="?", default=10, type=positive_int, help="save every this many epochs, and after the last (default: 10)"
-    )
+    parser.add_argument("save_every", nargs="?", default=10, type=positive_int, help="save every this many epochs, and after the last (default: 10)")
     per = "on each process" if distributed else "on the device"
     parser.add_argument("--batch_size", default=32, type=positive_int, help=f"input batch size {per} (default: 32)")
     parser.add_argument(
@@ -197,8 +195,7 @@ def add_training_args(parser: argparse.ArgumentParser, distributed: bool = True)
             "--timeout",
             type=seconds,
             metavar="SECONDS",
-            help="how long a collective waits for a missing rank before the job fails "
-            "(default: torch's, 10 minutes with NCCL, 30 with gloo)",
+            help="how long a collective waits for a missing rank before the job fails (default: torch's, 10 minutes with NCCL, 30 with gloo)",
         )
 
 

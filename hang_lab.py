@@ -83,7 +83,9 @@ if __name__ == "__main__":
     parser.add_argument("case", choices=["uneven_batches", "rank0_evaluation"], help="which hang to reproduce")
     parser.add_argument("--fixed", action="store_true", help="run the fix instead: it does not hang")
     parser.add_argument("--epochs", type=cli.positive_int, default=2, help="epochs of training (default: 2)")
-    parser.add_argument("--timeout", type=cli.seconds, default=datetime.timedelta(seconds=5), metavar="SECONDS", help="how long a collective waits (default: 5)")
+    parser.add_argument(
+        "--timeout", type=cli.seconds, default=datetime.timedelta(seconds=5), metavar="SECONDS", help="how long a collective waits (default: 5)"
+    )
     args = parser.parse_args()
     launch.torchrun_worker("cpu", "torchrun --standalone --nproc_per_node=2 hang_lab.py uneven_batches")
     dist.init_process_group("gloo", timeout=args.timeout)

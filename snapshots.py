@@ -118,8 +118,7 @@ def read_or_raise(path: str, map_location: str | torch.device, required_keys: tu
     except pickle.UnpicklingError as err:
         if "GLOBAL" in str(err):  # the pickle names a function or class to call: refused
             raise SnapshotError(
-                f"{path} holds Python objects other than tensors, which could run code when loaded, "
-                f"so it was not loaded; {start_afresh(path)}"
+                f"{path} holds Python objects other than tensors, which could run code when loaded, so it was not loaded; {start_afresh(path)}"
             ) from None
         raise SnapshotError(f"{path} is not a readable snapshot (damaged, or not written by torch.save); {start_afresh(path)}") from None
     except Exception as err:  # corrupt, truncated or not a torch file at all

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mingpt_throughput import REPO, RESULTS, device_slug, run_mingpt
+
 EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| steps (\d+) \| batch (\d+)(?: x (\d+) ranks)? .*\| ([0-9.]+)s: ", re.M)
 MINGPT_SMALL = [
     "gpt_config.n_layer=4", "gpt_config.n_head=4", "gpt_config.n_embd=256", "gpt_config.dropout=0.0",
@@ -99,10 +100,16 @@ def plot(table: dict[str, dict], ranks: list[int], path: Path, title: str) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", nargs="+", default=["toy", "images", "mingpt"], choices=["toy", "images", "mingpt"], help="what to measure (default: all)")
+    parser.add_argument(
+        "--workloads", nargs="+", default=["toy", "images", "mingpt"], choices=["toy", "images", "mingpt"], help="what to measure (default: all)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (default: 3)")
     parser.add_argument("--max_ranks", type=int, help="largest DDP size (default: GPUs present, else CPU cores)")
-    parser.add_argument("--corpus", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"), help="text for minGPT (default: ../shared/data/tinyshakespeare.txt)")
+    parser.add_argument(
+        "--corpus",
+        default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"),
+        help="text for minGPT (default: ../shared/data/tinyshakespeare.txt)",
+    )
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -120,7 +127,15 @@ def main() -> None:
 
     unit = {"toy": "samples/s", "images": "samples/s", "mingpt": "tokens/s"}
     lines = [f"Scaling on {title}; median of {args.repeats} runs each.", ""]
-    lines += ["| workload | single process | " + " | ".join(f"DDP x{n}" for n in ranks) + " | speedup x" + str(ranks[-1]) + " | efficiency x" + str(ranks[-1]) + " | DDP overhead at 1 rank |"]
+    lines += [
+        "| workload | single process | "
+        + " | ".join(f"DDP x{n}" for n in ranks)
+        + " | speedup x"
+        + str(ranks[-1])
+        + " | efficiency x"
+        + str(ranks[-1])
+        + " | DDP overhead at 1 rank |"
+    ]
     lines += ["| --- | ---: | " + " | ".join("---:" for _ in ranks) + " | ---: | ---: | ---: |"]
     for workload, row in table.items():
         speedup = row[ranks[-1]] / row["single"]

@@ -104,7 +104,9 @@ class TrainerConfig:
             "set trainer_config.global_batch_size or trainer_config.grad_accum_steps, not both: "
             "with a global batch, the accumulation follows from it",
         )
-        require(self.precision in ("auto", "bf16", "fp16", "fp32"), f"trainer_config.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        require(
+            self.precision in ("auto", "bf16", "fp16", "fp32"), f"trainer_config.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"
+        )
         require(self.timeout >= 0, f"trainer_config.timeout must be at least 0, got {self.timeout}")
 
 

@@ -74,7 +74,9 @@ class RunReport:
             self.bar.set_postfix_str(f"{figures} | {describe(split)}")
         else:
             print(f"epoch {epoch + 1} | step {step}/{steps} | {figures} | {describe(split)}", flush=True)
-        line = advice(split, data_fix="the batches are gathered from one tensor, so look for a slow disk or CPU", batch_setting="trainer_config.batch_size")
+        line = advice(
+            split, data_fix="the batches are gathered from one tensor, so look for a slow disk or CPU", batch_setting="trainer_config.batch_size"
+        )
         if line and not self.advised and self.intervals > 1:
             self.log(line)
             self.advised = True

@@ -133,17 +133,13 @@ class SlurmCluster:
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
         self.folder.chmod(0o700)
-        node_lines = "\n".join(
-            f"NodeName={n} NodeAddr={self.addresses[n]} CPUs=2 RealMemory=4000 Gres=gpu:2" for n in self.nodes
-        )
+        node_lines = "\n".join(f"NodeName={n} NodeAddr={self.addresses[n]} CPUs=2 RealMemory=4000 Gres=gpu:2" for n in self.nodes)
         # Slurm drains a node whose GPU files are missing or not character devices: these are /dev/null's.
         for i in range(2):
             os.mknod(self.folder / f"gpu{i}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
         (self.folder / "gres.conf").write_text(f"Name=gpu File={self.folder}/gpu[0-1]\n")
         self.conf.write_text(
-            SLURM_CONF.format(
-                controller=CONTROLLER, controller_addr=self.addresses[CONTROLLER], folder=self.folder, node_lines=node_lines
-            )
+            SLURM_CONF.format(controller=CONTROLLER, controller_addr=self.addresses[CONTROLLER], folder=self.folder, node_lines=node_lines)
         )
         hosts = ["127.0.0.1 localhost"] + [f"{address} {name}" for name, address in self.addresses.items()]
         (self.folder / "hosts").write_text("\n".join(hosts) + "\n")

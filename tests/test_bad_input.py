@@ -28,7 +28,9 @@ NO_GPU = not torch.cuda.is_available()
         ("multigpu_torchrun.py", ["5", "5"], "launched by torchrun, not python: torchrun --standalone --nproc_per_node=gpu multigpu_torchrun.py"),
         ("multinode.py", ["5", "5"], "launched by torchrun, not python: torchrun --nnodes=2 --nproc_per_node=gpu"),
         ("multigpu.py", ["5", "5", "--sync_bn"], "--sync_bn needs --workload images"),
-        pytest.param("multigpu.py", ["5", "5", "--device", "cuda"], "no CUDA GPU is visible", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is present")),
+        pytest.param(
+            "multigpu.py", ["5", "5", "--device", "cuda"], "no CUDA GPU is visible", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is present")
+        ),
     ],
 )
 def test_bad_arguments_get_one_line(tmp_path, script, args, says):
@@ -145,8 +147,7 @@ SNAPSHOT_CASES = {
 
 @pytest.mark.parametrize(
     "script, kind",
-    [("multinode.py", kind) for kind in SNAPSHOT_CASES]
-    + [("multigpu_torchrun.py", "truncated"), ("multigpu_torchrun.py", "malicious")],
+    [("multinode.py", kind) for kind in SNAPSHOT_CASES] + [("multigpu_torchrun.py", "truncated"), ("multigpu_torchrun.py", "malicious")],
 )
 def test_unusable_snapshot_is_refused_and_left_untouched(tmp_path, script, kind):
     path = tmp_path / "snapshot.pt"
@@ -163,4 +164,3 @@ def test_unusable_snapshot_is_refused_and_left_untouched(tmp_path, script, kind)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, "the snapshot was modified"
     assert not (tmp_path / "CODE_RAN").exists(), "loading the snapshot ran code"
     assert epochs(output) == []
-

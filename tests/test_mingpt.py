@@ -107,7 +107,9 @@ def test_corpus_is_encoded_once_and_split_at_one_point():
 
 
 def test_overrides_are_typed_and_applied():
-    configs = load_config(REPO / "mingpt/gpt2_train_cfg.yaml", ["trainer_config.max_epochs=5", "optimizer_config.learning_rate=1e-3", "data_config.sha256="])
+    configs = load_config(
+        REPO / "mingpt/gpt2_train_cfg.yaml", ["trainer_config.max_epochs=5", "optimizer_config.learning_rate=1e-3", "data_config.sha256="]
+    )
     assert configs.trainer.max_epochs == 5
     assert configs.optimizer.learning_rate == 1e-3
     assert configs.data.sha256 == ""
