@@ -136,7 +136,7 @@ class Trainer:
             "WORLD_SIZE": dist.get_world_size(),  # with BATCH_SIZE: the global batch these epochs had
             "BATCH_SIZE": self.train_data.batch_size,
         }
-        snapshots.save_shards(snapshot, self.snapshot_path, epoch + 1)  # every rank its shards, in a new folder; then the pointer
+        snapshots.save_shards(snapshot, self.snapshot_path, f"epoch-{epoch + 1:04d}")  # every rank its shards, in a new folder; then the pointer
         if self.global_rank == 0:
             print(f"Epoch {epoch + 1} | snapshot saved at {self.snapshot_path}", flush=True)
 

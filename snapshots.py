@@ -18,6 +18,7 @@ import glob
 import io
 import os
 import pickle
+import re
 import shutil
 import socket
 import tempfile
@@ -35,7 +36,8 @@ import cli
 
 SNAPSHOT_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE", "EPOCHS_RUN")
 POINTER = "latest.pt"  # in a folder of sharded snapshots: names the newest complete one
-SHARDED_PREFIX = "epoch-"  # the sharded snapshots in that folder: epoch-0030, epoch-0040, ...
+SHARDED_NAME = re.compile(r"(epoch|step)-\d+")  # the sharded snapshots in that folder: epoch-0030, step-00000123, ...
+SHARDED_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE")  # what a sharded snapshot shards; the rest is in its pointer
 # What the .metadata file of a sharded snapshot may name when unpickled, besides DCP's own data
 # classes and enums (see check_metadata); anything else could run code.
 METADATA_GLOBALS = {
@@ -246,34 +248,56 @@ def check_shared_folder(path: str) -> None:
         )
 
 
-def save_shards(snapshot: dict[str, Any], path: str, epochs_run: int) -> None:
+def save_shards(snapshot: dict[str, Any], path: str, name: str) -> None:
     """Collective: save a sharded snapshot in folder `path`, so that a kill at any moment leaves a usable one.
 
-    Every rank writes its shards (dcp.save) into a new folder, epoch-NNNN; once all have finished,
-    rank 0 replaces the pointer file (atomic_save) to name it, then removes the older folders.
-    Until then the pointer names the previous snapshot, which is left whole.
+    Every rank writes its shards of MODEL_STATE and OPTIMIZER_STATE (dcp.save) into a new folder,
+    `name` (epoch-0030, step-00000123); once all have finished, rank 0 replaces the pointer file
+    (atomic_save), which names that folder and holds the rest of the snapshot (epochs, settings: small,
+    the same on every rank), then removes the older folders. Until then the pointer names the
+    previous snapshot, which is left whole.
     """
     import torch.distributed.checkpoint as dcp
 
-    name = f"{SHARDED_PREFIX}{epochs_run:04d}"
+    assert SHARDED_NAME.fullmatch(name), name
     if dist.get_rank() == 0 and os.path.exists(os.path.join(path, name)):  # left by a save that was killed
         shutil.rmtree(os.path.join(path, name))
     dist.barrier()  # removed before anyone writes there
     try:
-        dcp.save(snapshot, checkpoint_id=os.path.join(path, name))
+        dcp.save({key: snapshot[key] for key in SHARDED_KEYS if key in snapshot}, checkpoint_id=os.path.join(path, name))
     except dcp.CheckpointException as err:
         raise_exit(err)
         raise
     dist.barrier()  # every rank's shards are written (and rank 0's .metadata, which lists them)
     if dist.get_rank() == 0:
-        atomic_save({"FOLDER": name}, os.path.join(path, POINTER))
-        for old in glob.glob(os.path.join(glob.escape(path), SHARDED_PREFIX + "*")):
-            if os.path.basename(old) != name:
-                shutil.rmtree(old)
+        atomic_save({"FOLDER": name, **{key: value for key, value in snapshot.items() if key not in SHARDED_KEYS}}, os.path.join(path, POINTER))
+        for old in os.listdir(path):
+            if SHARDED_NAME.fullmatch(old) and old != name:
+                shutil.rmtree(os.path.join(path, old))
 
 
-def read_shards(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """Collective: the newest sharded snapshot in folder `path`, read into this rank's shards; None if it has none.
+def read_pointer(path: str, required_keys: tuple[str, ...] = ("EPOCHS_RUN",)) -> dict[str, Any] | None:
+    """Collective: the pointer file of the sharded snapshots in folder `path` (the newest one's folder and its
+    small values), read by rank 0 and sent to all; None if there is none. An unusable one ends the job in one line."""
+    choice: list[Any] = [(None, None)]  # (the pointer, or an error)
+    pointer = os.path.join(path, POINTER)
+    if dist.get_rank() == 0 and os.path.exists(pointer):
+        try:
+            choice = [(read_or_raise(pointer, "cpu", required_keys=("FOLDER", *required_keys)), None)]
+        except SnapshotError as err:
+            choice = [(None, str(err))]
+        name = choice[0][0] and choice[0][0]["FOLDER"]
+        if name is not None and not (isinstance(name, str) and SHARDED_NAME.fullmatch(name)):
+            choice = [(None, f"{pointer} names no snapshot folder ({name!r}); {start_afresh(path)}")]
+    dist.broadcast_object_list(choice, src=0)  # every rank reads the same snapshot, whatever its file system caches
+    found, error = choice[0]
+    if error:
+        cli.fail(error)
+    return found
+
+
+def read_shards(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, required_keys: tuple[str, ...] = ("EPOCHS_RUN",)) -> dict[str, Any] | None:
+    """Collective: the newest sharded snapshot in folder `path`, its shards read into this rank's; None if it has none.
 
     Every rank reads the pieces of the shards it holds now (dcp.load), whichever ranks wrote them,
     so the number of processes may differ from the run that saved. Anything that is not such a
@@ -282,39 +306,23 @@ def read_shards(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimi
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    choice: list[Any] = [(None, None)]  # (the folder's name, or an error)
-    if dist.get_rank() == 0 and os.path.exists(os.path.join(path, POINTER)):
-        try:
-            choice = [(read_or_raise(os.path.join(path, POINTER), "cpu", required_keys=("FOLDER",))["FOLDER"], None)]
-        except SnapshotError as err:
-            choice = [(None, str(err))]
-        name = choice[0][0]
-        if choice[0][1] is None and not (isinstance(name, str) and name.startswith(SHARDED_PREFIX) and os.path.basename(name) == name):
-            choice = [(None, f"{path}/{POINTER} names no snapshot folder ({name!r}); {start_afresh(path)}")]
-    dist.broadcast_object_list(choice, src=0)  # every rank reads the same snapshot, whatever its file system caches
-    name, error = choice[0]
-    if error:
-        cli.fail(error)
-    if name is None:
+    pointer = read_pointer(path, required_keys)
+    if pointer is None:
         return None
-    folder = os.path.join(path, name)
+    folder = os.path.join(path, pointer["FOLDER"])
     check_metadata(folder, path)
     # Asked only now: for a fresh optimizer, get_optimizer_state_dict makes the state by a step with zero gradients.
-    snapshot = {
-        "MODEL_STATE": get_model_state_dict(model),
-        "OPTIMIZER_STATE": get_optimizer_state_dict(model, optimizer),
-        **dict.fromkeys(("EPOCHS_RUN", "WORLD_SIZE", "BATCH_SIZE"), 0),
-    }
+    shards = {"MODEL_STATE": get_model_state_dict(model), "OPTIMIZER_STATE": get_optimizer_state_dict(model, optimizer)}
     planner = weights_only_load_planner()
     try:
-        dcp.load(snapshot, checkpoint_id=folder, planner=planner)
+        dcp.load(shards, checkpoint_id=folder, planner=planner)
     except dcp.CheckpointException as err:  # missing or damaged files, or another model's snapshot: raised on every rank
         raise_exit(err)
         if planner.refused:
             cli.fail(f"{folder} holds {planner.refused}, a pickle that could run code when loaded, so it was not loaded; {start_afresh(path)}")
         failure = next(iter(err.failures.values()))[0]
         cli.fail(f"{folder} is not a readable snapshot of this model ({cli.brief(failure)}); {start_afresh(path)}")
-    return snapshot
+    return {**pointer, **shards}
 
 
 def raise_exit(err: Any) -> None:

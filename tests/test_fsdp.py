@@ -30,9 +30,9 @@ SNAPSHOT = "snapshot.dcp"
 
 def full_state(folder: Path, scratch: Path) -> dict:
     """A sharded snapshot gathered whole (every rank's shards), as torch.save would hold it."""
-    pointer = torch.load(folder / snapshots.POINTER, weights_only=True)
+    pointer = torch.load(folder / snapshots.POINTER, weights_only=True)  # the folder's name and the small values
     dcp_to_torch_save(folder / pointer["FOLDER"], scratch / "whole.pt")
-    return torch.load(scratch / "whole.pt", weights_only=True)
+    return {**pointer, **torch.load(scratch / "whole.pt", weights_only=True)}
 
 
 def tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -150,7 +150,7 @@ mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 snapshots.check_shared_folder(sys.argv[1])
 for n in range(1, 10**9):
     weights = DTensor.from_local(torch.full((1_000_000,), float(n)), mesh, [Shard(0)])
-    snapshots.save_shards({{"MODEL_STATE": {{"w": weights}}, "EPOCHS_RUN": n}}, sys.argv[1], n)
+    snapshots.save_shards({{"MODEL_STATE": {{"w": weights}}, "EPOCHS_RUN": n}}, sys.argv[1], f"epoch-{{n:04d}}")
     if n == 1 and dist.get_rank() == 0:
         print("writing", flush=True)
 """
