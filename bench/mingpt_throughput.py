@@ -29,6 +29,10 @@ RESULTS = REPO / "bench" / "results"
 CASES = {
     "default": ["trainer_config.max_epochs=1", "data_config.truncate=0.3", "trainer_config.log_every=20"],
     "default+compile": ["trainer_config.max_epochs=1", "data_config.truncate=0.3", "trainer_config.log_every=20", "trainer_config.compile=true"],
+    "default+fsdp": [
+        "trainer_config.max_epochs=1", "data_config.truncate=0.3", "trainer_config.log_every=20",
+        "trainer_config.strategy=fsdp", "trainer_config.snapshot_path=gpt.dcp",
+    ],
     "gpt2-small+compile": [
         "gpt_config.n_layer=12", "gpt_config.n_head=12", "gpt_config.n_embd=768", "data_config.block_size=1024",
         "trainer_config.batch_size=16", "trainer_config.max_epochs=1", "data_config.truncate=0.1",
@@ -57,10 +61,12 @@ def run_mingpt(overrides: list[str], data: str, nproc: int) -> dict:
         records = [json.loads(line) for line in Path(folder, "gpt_metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_s" in r][1:]  # drop the warm-up interval
     mfus = [r["mfu"] for r in steps if r["mfu"] is not None]
+    memory = [r["peak_memory_gb"] for r in steps if r.get("peak_memory_gb") is not None]
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan"),
         "mfu": statistics.median(mfus) if mfus else None,
         "intervals": len(steps),
+        "peak_memory_gb": max(memory) if memory else None,
     }
 
 
@@ -76,28 +82,29 @@ def main() -> None:
         "--cases",
         nargs="+",
         choices=list(CASES),
-        help="which cases to run (default: default, default+compile, gpt2-small+compile on GPU; cpu-small otherwise)",
+        help="which cases to run (default: default, default+compile, default+fsdp, gpt2-small+compile on GPU; cpu-small otherwise)",
     )
     parser.add_argument("--nproc", type=int, help="processes (default: every GPU, else 2)")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
-    cases = args.cases or (["default", "default+compile", "gpt2-small+compile"] if on_gpu else ["cpu-small"])
+    cases = args.cases or (["default", "default+compile", "default+fsdp", "gpt2-small+compile"] if on_gpu else ["cpu-small"])
     nproc = args.nproc or (torch.cuda.device_count() if on_gpu else 2)
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     header = (
         f"minGPT throughput on {device}, {nproc} process(es), torch {torch.__version__}, "
         f"{datetime.date.today().isoformat()}, data {Path(args.data).name}"
     )
-    lines = [header, "", "| case | tokens/s (all ranks) | MFU | intervals |", "| --- | ---: | ---: | ---: |"]
+    lines = [header, "", "| case | tokens/s (all ranks) | MFU | peak GPU memory (rank 0) | intervals |", "| --- | ---: | ---: | ---: | ---: |"]
     print(header, flush=True)
     for name in cases:
         row = run_mingpt(CASES[name], args.data, nproc)
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error']} | | |")
+            lines.append(f"| {name} | failed: {row['error']} | | | |")
         else:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-            lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {mfu} | {row['intervals']} |")
+            memory = f"{row['peak_memory_gb']:.1f} GiB" if row["peak_memory_gb"] is not None else "n/a"
+            lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {mfu} | {memory} | {row['intervals']} |")
         print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"mingpt_{device_slug(device)}.md"

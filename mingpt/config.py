@@ -87,6 +87,7 @@ class TrainerConfig:
     grad_accum_steps: int = 1  # micro-steps per optimizer step (derived instead when global_batch_size is set)
     grad_norm_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32), bf16, fp16 or fp32
+    strategy: str = "ddp"  # ddp: every process holds the whole model; fsdp: each holds 1/N of it (FSDP2)
     compile: bool = False  # torch.compile the model
     snapshot_path: str = "gpt_snapshot.pt"
     save_every: int = 3  # epochs
@@ -108,6 +109,11 @@ class TrainerConfig:
             self.precision in ("auto", "bf16", "fp16", "fp32"), f"trainer_config.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"
         )
         require(self.timeout >= 0, f"trainer_config.timeout must be at least 0, got {self.timeout}")
+        require(self.strategy in ("ddp", "fsdp"), f"trainer_config.strategy must be ddp or fsdp, got {self.strategy!r}")
+        require(
+            not (self.strategy == "fsdp" and self.precision == "fp16"),
+            "trainer_config.strategy=fsdp takes precision bf16, fp32 or auto: fp16 needs a loss scaler that FSDP's sharded gradients do not have here",
+        )
 
 
 SECTIONS = {"data_config": DataConfig, "gpt_config": GPTConfig, "trainer_config": TrainerConfig, "optimizer_config": OptimizerConfig}

@@ -29,7 +29,7 @@ import snapshots  # noqa: E402
 from mingpt.char_dataset import CharDataset, DataError, decode, download, is_url, read_text, split_datasets, vocabulary  # noqa: E402
 from mingpt.config import DEFAULT_CONFIG, Configs, ConfigError, load_config, settings_help  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
-from mingpt.trainer import SNAPSHOT_KEYS, Trainer, batch_plan  # noqa: E402
+from mingpt.trainer import Trainer, batch_plan, saved_snapshot, shard  # noqa: E402
 
 USAGE = "torchrun --standalone --nproc_per_node=gpu mingpt/main.py (on CPU: --nproc_per_node=2)"
 
@@ -68,13 +68,12 @@ def main(configs: Configs) -> None:
     rank = dist.get_rank()
     batch_plan(configs.trainer, dist.get_world_size())  # a global batch this many processes cannot share fails here, in one line
     torch.manual_seed(configs.trainer.seed + rank)  # rank 0's weights are the ones DDP broadcasts
-    # Each node may hold a copy of the snapshot (or none, or an older one): all ranks get the newest.
-    snapshot = snapshots.newest_copy(
-        configs.trainer.snapshot_path, progress=lambda copy: (copy["EPOCHS_RUN"], copy["WINDOWS_DONE"]), required_keys=SNAPSHOT_KEYS
-    )
+    snapshot = saved_snapshot(configs.trainer)  # each node's newest copy (ddp), or the shared sharded one's small part (fsdp)
     chars, train_set, test_set = load_datasets(configs, snapshot["VOCAB"] if snapshot else None)
     configs.gpt.vocab_size, configs.gpt.block_size = len(chars), configs.data.block_size
     model = GPT(configs.gpt).to(device)
+    if configs.trainer.strategy == "fsdp":
+        shard(model, configs.trainer.precision, device)  # before the optimizer is made: it must hold the shards
     optimizer = model.configure_optimizer(configs.optimizer, device.type)
     extra_state = {"VOCAB": chars, "CONFIG": configs.as_dict()}
     trainer = Trainer(configs.trainer, model, optimizer, configs.optimizer, train_set, test_set, snapshot, extra_state, device)
@@ -84,17 +83,18 @@ def main(configs: Configs) -> None:
     )
     try:
         trainer.train()
-    except RuntimeError as err:  # a collective timed out: one line says where, and which rank never came
-        launch.explain_collective_failure(err, timeout)
-    finally:
-        trainer = optimizer = None  # release DDP before its process group, or the process may abort at exit
-        gc.collect()
-        destroy_process_group()
-    if rank == 0:
+        # Every rank samples (with fsdp a forward is collective); rank 0 prints.
         model.eval()
         context = test_set.data[: min(16, configs.data.block_size)].unsqueeze(0).to(device)
         sample = model.generate(context, max_new_tokens=200, temperature=0.8)[0].tolist()
-        print("Sample:\n" + decode(sample, chars), flush=True)
+        if rank == 0:
+            print("Sample:\n" + decode(sample, chars), flush=True)
+    except RuntimeError as err:  # a collective timed out: one line says where, and which rank never came
+        launch.explain_collective_failure(err, timeout)
+    finally:
+        trainer = model = optimizer = None  # release DDP before its process group, or the process may abort at exit
+        gc.collect()
+        destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ class RunReport:
             self.log(line)
             self.advised = True
         record = {"epoch": epoch + 1, "step": step, "global_step": global_step, "loss": loss_value, "grad_norm": grad_norm_value,
-                  "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu, **{f"time_{part}": share for part, share in shares(split).items()}}  # fmt: skip
+                  "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu, **{f"time_{part}": share for part, share in shares(split).items()},
+                  "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}  # fmt: skip
         self._write(record)
         self.tensorboard.scalars(global_step, {"loss/train": loss_value, "lr": lr, "throughput/tokens_per_s": tokens_per_s,
                                                **{f"step_time/{part}": share for part, share in shares(split).items()}})  # fmt: skip

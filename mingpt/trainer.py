@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -27,6 +30,7 @@ import cli
 import snapshots
 from mingpt.char_dataset import CharDataset
 from mingpt.config import OptimizerConfig, TrainerConfig
+from mingpt.model import GPT
 from mingpt.report import RunReport
 
 WINDOW_LOG = os.environ.get("MINGPT_WINDOW_LOG")  # a folder: each rank records the windows it trains (for tests)
@@ -34,6 +38,7 @@ SNAPSHOT_KEYS = (
     "MODEL_STATE", "OPTIMIZER_STATE", "SCALER_STATE", "SCHEDULER_STATE", "EPOCHS_RUN", "WINDOWS_DONE",
     "GLOBAL_STEP", "RNG_STATES", "VOCAB", "CONFIG",
 )  # fmt: skip
+SMALL_KEYS = tuple(key for key in SNAPSHOT_KEYS if key not in snapshots.SHARDED_KEYS)  # fsdp: in the pointer file
 
 
 def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
@@ -61,6 +66,32 @@ def batch_plan(config: TrainerConfig, world_size: int) -> tuple[int, int, int]:
         )
     accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= config.batch_size)
     return config.global_batch_size, share // accum, accum
+
+
+def shard(model: GPT, precision: str, device: torch.device) -> None:
+    """trainer_config.strategy=fsdp: FSDP2 on each Transformer block, then on the root (embeddings, final
+    LayerNorm, head). Each rank keeps 1/N of every parameter, gradient and optimizer state, and a
+    unit's full weights are all-gathered only while it computes. Mixed precision is FSDP's policy:
+    weights gathered in bf16 for the compute, gradients reduced in fp32. Before the optimizer is made."""
+    dtype = autocast_dtype(precision, device.type)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def saved_snapshot(config: TrainerConfig) -> dict[str, Any] | None:
+    """Collective: the snapshot to resume from, before the model exists (it needs the vocabulary).
+
+    ddp: each node may hold a copy (or none, or an older one); all ranks get the newest. fsdp: one
+    sharded snapshot in a folder all nodes share; this is its small part, and the Trainer reads
+    the shards into the sharded model and optimizer.
+    """
+    if config.strategy == "fsdp":
+        snapshots.check_shared_folder(config.snapshot_path)
+        return snapshots.read_pointer(config.snapshot_path, required_keys=SMALL_KEYS)
+    return snapshots.newest_copy(config.snapshot_path, progress=lambda copy: (copy["EPOCHS_RUN"], copy["WINDOWS_DONE"]), required_keys=SNAPSHOT_KEYS)
 
 
 def lr_schedule(config: OptimizerConfig, total_steps: int):
@@ -130,19 +161,23 @@ class Trainer:
             cli.fail(f"{len(train_set):,} training windows cannot fill one global batch of {self.global_batch:,}; use more text or smaller batches")
         factor = lr_schedule(optimizer_config, config.max_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self.fsdp = config.strategy == "fsdp"
         dtype = autocast_dtype(config.precision, self.device_type)
-        self.autocast = torch.autocast(self.device_type, dtype=dtype) if dtype else nullcontext()
+        # fsdp: FSDP's mixed-precision policy casts the weights (see `shard`), not autocast.
+        self.autocast = torch.autocast(self.device_type, dtype=dtype) if dtype and not self.fsdp else nullcontext()
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
         self.epochs_run = 0
         self.windows_done = 0  # of the current epoch's order, by all processes
         self.global_step = 0  # optimizer steps since the start of training
-        self.writes_snapshot = snapshots.writes_copy(config.snapshot_path)  # each node's local rank 0; one per shared folder
+        # ddp: each node's local rank 0 writes a copy (one per shared folder); fsdp: every rank writes its shards.
+        self.writes_snapshot = self.fsdp or snapshots.writes_copy(config.snapshot_path)
         self.report = RunReport(config, device, model.flops_per_token(), self.global_batch * train_set.block_size)
         if snapshot is not None:
             self._load_snapshot(snapshot)
         # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
-        self.model = DDP(self.raw_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None, gradient_as_bucket_view=True)
+        ddp = lambda: DDP(self.raw_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None, gradient_as_bucket_view=True)
+        self.model = self.raw_model if self.fsdp else ddp()  # fsdp: already sharded (`shard`), no wrapper
         self.report.watch(self.model, optimizer, self.global_step)
         if config.compile:
             self.model = torch.compile(self.model)
@@ -152,6 +187,8 @@ class Trainer:
 
     def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
         path = self.config.snapshot_path
+        if self.fsdp:  # the shards too, read into this rank's (any number of processes may have written them)
+            snapshot = snapshots.read_shards(path, self.raw_model, self.optimizer, required_keys=SMALL_KEYS)
         snapshots.restore(snapshot, path, self.raw_model, self.optimizer)
         self.scaler.load_state_dict(snapshot["SCALER_STATE"])
         self.scheduler.load_state_dict(snapshot["SCHEDULER_STATE"])
@@ -181,8 +218,8 @@ class Trainer:
         if not self.writes_snapshot:
             return
         snapshot = {
-            "MODEL_STATE": self.raw_model.state_dict(),
-            "OPTIMIZER_STATE": self.optimizer.state_dict(),
+            "MODEL_STATE": get_model_state_dict(self.raw_model) if self.fsdp else self.raw_model.state_dict(),  # fsdp: this rank's shards
+            "OPTIMIZER_STATE": get_optimizer_state_dict(self.raw_model, self.optimizer) if self.fsdp else self.optimizer.state_dict(),
             "SCALER_STATE": self.scaler.state_dict(),
             "SCHEDULER_STATE": self.scheduler.state_dict(),
             "EPOCHS_RUN": self.epochs_run,  # completed epochs
@@ -191,7 +228,10 @@ class Trainer:
             "RNG_STATES": rng_states,
             **self.extra_state,
         }
-        snapshots.atomic_save(snapshot, self.config.snapshot_path)
+        if self.fsdp:  # every rank its shards, into a new folder; then rank 0 points to it
+            snapshots.save_shards(snapshot, self.config.snapshot_path, f"step-{self.global_step:08d}")
+        else:
+            snapshots.atomic_save(snapshot, self.config.snapshot_path)
         self.report.log(f"Snapshot saved at {self.config.snapshot_path}: {self.epochs_run} epochs + {self.windows_done:,} windows done")
 
     # ------------------------------------------------------------------ training
@@ -221,9 +261,12 @@ class Trainer:
         )
 
     def _run_batch(self, source: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; gradients are all-reduced only when `sync`."""
+        """Forward and backward of one micro-batch; gradients are averaged over the ranks only when `sync`."""
         # no_sync covers forward and backward: DDP decides in forward whether backward communicates.
-        with self.model.no_sync() if not sync else nullcontext():
+        # FSDP is told instead, and keeps the unreduced gradients of this rank until a step syncs.
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        with self.model.no_sync() if not sync and not self.fsdp else nullcontext():
             with self.autocast:
                 _, loss = self.model(source, targets)
             self.scaler.scale(loss / self.accum).backward()
@@ -272,15 +315,23 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> float:
-        """Mean test loss over the whole test set, each rank taking every world_size-th window."""
+        """Mean test loss over the whole test set, each rank taking every world_size-th window.
+
+        With fsdp a forward is collective (each block all-gathers its weights): every rank runs as
+        many as the rank with the most batches, past its own on an empty batch, which counts nothing.
+        """
         self.raw_model.eval()
         totals = torch.zeros(2, device=self.device)
-        starts = torch.arange(self.global_rank, len(self.test_set), self.world_size)
-        for batch in starts.split(self.config.batch_size):
+        batches = list(torch.arange(self.global_rank, len(self.test_set), self.world_size).split(self.config.batch_size))
+        forwards = torch.tensor([len(batches)], device=self.device)
+        dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
+        for index in range(int(forwards)):
+            batch = batches[index] if index < len(batches) else torch.zeros(0, dtype=torch.long)
             source, targets = (t.to(self.device, non_blocking=True) for t in self.test_set[batch])
             with self.autocast:
-                _, loss = self.raw_model(source, targets)
-            totals += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=self.device)])
+                _, loss = self.raw_model(source, targets if len(batch) else None)
+            if len(batch):
+                totals += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=self.device)])
         dist.all_reduce(totals)
         self.raw_model.train()
         return (totals[0] / totals[1]).item()

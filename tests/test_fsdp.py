@@ -219,3 +219,71 @@ def test_evaluation_on_unequal_shards_runs_equal_forwards_and_counts_every_sampl
     result = run(torchrun_cmd(str(script)), tmp_path, timeout=60)  # a rank that ran fewer forwards would hang the other
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "rank 0: 3 batches" in result.stdout and "rank 1: 2 batches" in result.stdout
+
+
+# ---------------------------------------------------------------- the capstone with trainer_config.strategy=fsdp
+
+GPT_FSDP = [
+    "trainer_config.strategy=fsdp", "trainer_config.snapshot_path=gpt.dcp", "data_config.truncate=0.3",
+    "trainer_config.max_epochs=3", "trainer_config.save_every=1", "trainer_config.log_every=10", "optimizer_config.warmup_steps=10",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gpt_fsdp_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process capstone run with the model sharded, 3 epochs of ~100 steps."""
+    from test_mingpt import TINY_MODEL, make_corpus
+
+    folder = tmp_path_factory.mktemp("gpt_fsdp")
+    (folder / "corpus.txt").write_text(make_corpus(12_000))
+    result = run(torchrun_cmd("mingpt/main.py", f"data_config.path={folder / 'corpus.txt'}", *TINY_MODEL, *GPT_FSDP), folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder / "stdout.txt").write_text(result.stdout)
+    return folder
+
+
+def gpt_cmd(folder: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    from test_mingpt import TINY_MODEL
+
+    return torchrun_cmd("mingpt/main.py", f"data_config.path={folder / 'corpus.txt'}", *TINY_MODEL, *GPT_FSDP, *overrides, nproc=nproc)
+
+
+def test_mingpt_sharded_learns_with_one_shard_file_per_rank(gpt_fsdp_run):
+    output = (gpt_fsdp_run / "stdout.txt").read_text()
+    first_loss = float(re.search(r"epoch 1 \| step \d+/\d+ \| loss ([0-9.]+)", output).group(1))
+    test_losses = [float(loss) for loss in re.findall(r"test loss ([0-9.]+)", output)]
+    assert len(test_losses) == 3 and test_losses == sorted(test_losses, reverse=True) and test_losses[-1] < 0.7 * first_loss, (first_loss, test_losses)
+    folder = gpt_fsdp_run / "gpt.dcp" / torch.load(gpt_fsdp_run / "gpt.dcp" / snapshots.POINTER, weights_only=True)["FOLDER"]
+    assert sorted(path.name for path in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_mingpt_sharded_stopped_mid_epoch_resumes_bit_identical(tmp_path, gpt_fsdp_run):
+    shutil.copy(gpt_fsdp_run / "corpus.txt", tmp_path / "corpus.txt")
+    job = Job(gpt_cmd(tmp_path), tmp_path, name="stopped")
+    try:
+        job.wait_for(r"epoch 2 \| step 40/")
+        os.kill(job.worker(local_rank=1), signal.SIGUSR1)
+        assert job.wait(timeout=120) == 0, job.output()[-3000:]
+    finally:
+        job.stop()
+    again = run(gpt_cmd(tmp_path), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"Resuming from gpt.dcp: 1 epochs \+ [1-9][\d,]* windows done", again.stdout), again.stdout[-2000:]
+    a, b = (full_state(folder / "gpt.dcp", folder) for folder in (tmp_path, gpt_fsdp_run))
+    assert a["GLOBAL_STEP"] == b["GLOBAL_STEP"]
+    a, b = tensors(a), tensors(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_mingpt_sharded_resumes_on_another_number_of_processes(tmp_path, gpt_fsdp_run):
+    shutil.copy(gpt_fsdp_run / "corpus.txt", tmp_path / "corpus.txt")
+    shutil.copytree(gpt_fsdp_run / "gpt.dcp", tmp_path / "gpt.dcp")
+    result = run(gpt_cmd(tmp_path, "trainer_config.max_epochs=4", nproc=1), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from gpt.dcp: 3 epochs + 0 windows done" in result.stdout
+    assert "Note: saved by 2 processes, resumed by 1" in result.stdout
+    before = [float(loss) for loss in re.findall(r"test loss ([0-9.]+)", (gpt_fsdp_run / "stdout.txt").read_text())]
+    after = [float(loss) for loss in re.findall(r"Epoch 4/4 \| test loss ([0-9.]+)", result.stdout)]
+    assert len(after) == 1 and after[0] < before[0], (before, after)
