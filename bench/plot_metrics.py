@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         for test in tests[:-1]:  # where each epoch ends
             ax.axvline(test["global_step"], color="grey", linestyle=":", linewidth=1)
-    loss.set_title(title, fontsize=8, loc="left")
+    loss.set_title(textwrap.fill(title, 110), fontsize=8, loc="left")  # long titles wrap, not cut off
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
