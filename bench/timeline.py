@@ -24,12 +24,14 @@ MB are DDP's (2**20 bytes), as in bucket_cap_mb.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import datetime
 import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "exposed": "#C44E52", "o
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--steps", type=int, default=8, help="profiled steps per run, every other one under no_sync (default: 8)")
+    parser.add_argument("--steps", type=int, default=20, help="profiled steps per run, every other one under no_sync (default: 20)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the profiled ones; DDP orders its buckets in the first (default: 2)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per process and step (default: 32)")
     parser.add_argument("--nproc", type=int, default=2, help="processes, one CPU thread each (default: 2)")
@@ -71,40 +73,56 @@ def parse_args() -> argparse.Namespace:
 # ---- in each process -------------------------------------------------------------------------
 
 
-def profile_run(bucket_cap_mb: float | None, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Train `args.steps` steps under the profiler; per step, its spans (ms) and StepTimer's split."""
+def stepper(bucket_cap_mb: float | None, batch_size: int) -> Callable[[bool], dict[str, float]]:
+    """A DDP ResNet-18 and a function that trains it one step, synced or not, and returns
+    StepTimer's split of that step (ms)."""
     train_set, _, model, optimizer = datautils.load_train_objs("images", "fake")  # seeded: the same weights on every rank
-    source, targets = next(iter(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size)))  # one batch, reused: no data loading in the picture
+    source, targets = next(iter(torch.utils.data.DataLoader(train_set, batch_size=batch_size)))  # one batch, reused: no data loading in the picture
     model = DDP(model, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)  # as in steps 3-4
     timer = StepTimer(model, optimizer, "cpu")
 
-    def step(sync: bool) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with contextlib.nullcontext() if sync else model.no_sync():  # no_sync: backward all-reduces nothing
-            with record_function("forward"):
-                loss = datautils.loss_fn(model(source), targets)
-            with record_function("backward"):
-                loss.backward()  # returns once DDP has every bucket's all-reduce back
-        with record_function("optimizer"):
-            optimizer.step()
+    def step(sync: bool) -> dict[str, float]:
+        for _ in timer.timed([None]):  # a stretch of one step
+            optimizer.zero_grad(set_to_none=True)
+            with contextlib.nullcontext() if sync else model.no_sync():  # no_sync: backward all-reduces nothing
+                with record_function("forward"):
+                    loss = datautils.loss_fn(model(source), targets)
+                with record_function("backward"):
+                    loss.backward()  # returns once DDP has every bucket's all-reduce back
+            with record_function("optimizer"):
+                optimizer.step()
+        return {part: seconds * 1e3 for part, seconds in timer.split().items() if part != "steps"}
 
+    return step
+
+
+def profile_runs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Each run's steps under the profiler: per step, its spans (ms) and StepTimer's split.
+
+    The runs take turns step by step, so that other work that comes and goes on the machine
+    slows them alike. Every step starts on all ranks together, after a barrier: no rank carries
+    a wait for another over from the step before (a no_sync step would leave it to the next)."""
+    steppers = {name: stepper(cap, args.batch_size) for name, cap in RUNS.items()}
     for _ in range(args.warmup):
-        step(sync=True)
-    splits = []
+        for step in steppers.values():
+            step(True)
+    splits: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:  # shapes: each bucket's size
-        dist.barrier()  # the ranks leave it together: each one's times count from here
-        with record_function("zero"):
+        dist.barrier()
+        with record_function("zero"):  # each rank's times count from here
             pass
-        for i, _ in enumerate(timer.timed(range(args.steps))):
-            with record_function(f"step {i}"):
-                step(sync=i % 2 == 0)
-            splits.append(timer.split())
-    return spans(prof.events(), splits)
+        for i in range(args.steps):
+            for name, step in steppers.items():
+                dist.barrier()  # the ranks leave it together
+                with record_function(f"{name} step {i}"):
+                    splits[name].append(step(sync=i % 2 == 0))
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return {name: spans(events, name, splits[name]) for name in RUNS}
 
 
-def spans(events: Any, splits: list[dict[str, float]]) -> list[dict[str, Any]]:
-    """Each step's spans in ms from the barrier, read from the profiler's events."""
-    events = list(events)
+def spans(events: list[Any], run: str, splits: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Each step's spans in ms from the barrier, read from the profiler's events (sorted by start)."""
+    starts = [e.time_range.start for e in events]
     zero = next(e for e in events if e.name == "zero").time_range.start
 
     def ms(t: float) -> float:
@@ -112,8 +130,8 @@ def spans(events: Any, splits: list[dict[str, float]]) -> list[dict[str, Any]]:
 
     steps = []
     for i, split in enumerate(splits):
-        window = next(e.time_range for e in events if e.name == f"step {i}")
-        inside = [e for e in events if window.start <= e.time_range.start and e.time_range.end <= window.end]
+        window = next(e.time_range for e in events if e.name == f"{run} step {i}")
+        inside = [e for e in events[bisect.bisect_left(starts, window.start) : bisect.bisect_right(starts, window.end)] if e.time_range.end <= window.end]
         first = {e.name: e for e in reversed(inside)}  # this step's forward, backward, optimizer
         forward, backward, optimizer = first["forward"], first["backward"], first["optimizer"]
         computed = [e for e in inside if e.name.startswith(BACKWARD_OP) and e.name != HANDS_OVER and e.thread == backward.thread]
@@ -134,7 +152,7 @@ def spans(events: Any, splits: list[dict[str, float]]) -> list[dict[str, Any]]:
             "optimizer": (ms(optimizer.time_range.start), ms(optimizer.time_range.end)),
             "comm": sorted(comm),
             "step_ms": (window.end - window.start) / 1e3,
-            "timer": {part: split[part] * 1e3 for part in ("total", "data", "compute", "comm")},
+            "timer": split,
         })  # fmt: skip
     return steps
 
@@ -149,7 +167,7 @@ def prod(shape: list[int]) -> int:
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # one core per process, as torchrun's default
     dist.init_process_group("gloo")
-    runs = {name: profile_run(cap, args) for name, cap in RUNS.items()}
+    runs = profile_runs(args)
     gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(runs, gathered)  # rank 0 draws every rank's steps
     if dist.get_rank() == 0:
@@ -158,7 +176,8 @@ def worker(args: argparse.Namespace) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(table)
         print(table)
-        draw(by_run, args.out.with_suffix(".png"))
+        caption = f"DDP, ResNet-18, batch {args.batch_size} per rank, {args.nproc} CPU processes x 1 thread, gloo, torch {torch.__version__}"
+        draw(by_run, args.out.with_suffix(".png"), caption)
         print(f"written to {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
     dist.destroy_process_group()
 
@@ -186,6 +205,9 @@ def all_reduces(step: dict[str, Any]) -> list[tuple[float, float]]:
     return [(a, b) for a, b, is_reduce, _ in step["comm"] if is_reduce]
 
 
+LOAD_AT_START = os.getloadavg()[0]  # of the machine, over the last minute
+
+
 def summary(by_run: dict[str, list[list[dict]]], args: argparse.Namespace) -> str:
     """Two tables of medians over the synced (or no_sync) steps of every rank: where the
     all-reduce runs, and what it costs a step measured three ways."""
@@ -194,32 +216,39 @@ def summary(by_run: dict[str, list[list[dict]]], args: argparse.Namespace) -> st
         "| --- | --- | ---: | ---: | ---: |",
     ]
     cost = [
-        "| run | synced step | no_sync step | synced - no_sync | exposed comm: profiler | exposed comm: StepTimer | StepTimer / profiler |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | synced step | no_sync step | synced - no_sync | exposed comm: profiler | exposed comm: StepTimer | StepTimer / profiler | most apart |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, ranks in by_run.items():
         synced = [s for steps in ranks for s in steps if s["sync"]]
-        unsynced = [s for steps in ranks for s in steps if not s["sync"]]
+        # Each synced step with the no_sync step after it: a pair runs under the same load from
+        # other work on the machine, so their difference is steadier than a difference of medians.
+        pairs = [(a, b) for steps in ranks for a, b in zip(steps[::2], steps[1::2])]
+        # The job's step takes as long as its slowest rank's (a no_sync step waits for no other rank).
+        slowest = [max(steps[i]["timer"]["total"] for steps in ranks) for i in range(len(ranks[0]))]
+        job_pairs = list(zip(slowest[::2], slowest[1::2]))
         buckets = " + ".join(f"{mb:.1f}" for *_, is_reduce, mb in synced[0]["comm"] if is_reduce)
         busy = med(covered(all_reduces(s)) for s in synced)
         hidden = med(covered(all_reduces(s), *s["backward"]) / covered(all_reduces(s)) for s in synced)
-        backward = med(s["backward"][1] - s["backward"][0] for s in synced) / med(s["backward"][1] - s["backward"][0] for s in unsynced)
+        backward = med((a["backward"][1] - a["backward"][0]) / (b["backward"][1] - b["backward"][0]) for a, b in pairs)
         where.append(f"| {name} | {buckets} | {busy:.0f} ms | {hidden:.0%} | {backward:.2f} |")
 
-        step, no_sync = med(s["timer"]["total"] for s in synced), med(s["timer"]["total"] for s in unsynced)
+        step, no_sync = med(a for a, _ in job_pairs), med(b for _, b in job_pairs)
+        extra = med(a - b for a, b in job_pairs)
         profiler = [s["exposed"][1] - s["exposed"][0] for s in synced]
         timer = [s["timer"]["comm"] for s in synced]
         ratio = med(t / p for t, p in zip(timer, profiler))  # step by step: both timed the same steps
+        apart = max(abs(t - p) for t, p in zip(timer, profiler))
 
         def share(ms: float) -> str:
             return f"{ms:.0f} ms ({ms / step:.0%})"
 
-        cost.append(f"| {name} | {step:.0f} ms | {no_sync:.0f} ms | {share(step - no_sync)} | {share(med(profiler))} | {share(med(timer))} | {ratio:.2f} |")
+        cost.append(f"| {name} | {step:.0f} ms | {no_sync:.0f} ms | {share(extra)} | {share(med(profiler))} | {share(med(timer))} | {ratio:.2f} | {apart:.2f} ms |")
     return "\n".join([
         f"DDP timeline, ResNet-18, batch {args.batch_size} per process, {args.nproc} processes x 1 thread, gloo, "
         f"{platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, {datetime.date.today().isoformat()}; "
         f"medians of {(args.steps + 1) // 2} synced and {args.steps // 2} no_sync steps on each of the {args.nproc} ranks, "
-        "all from one run.",
+        f"all from one run; load average {LOAD_AT_START:.1f} when it started (other work on the machine slows steps unevenly).",
         "",
         "Where the gradient all-reduce runs:",
         "",
@@ -227,18 +256,22 @@ def summary(by_run: dict[str, list[list[dict]]], args: argparse.Namespace) -> st
         "",
         "- all-reduce busy: time in which at least one bucket is being all-reduced (gloo runs two at once);",
         "  under backward: the share of it before the last gradient is computed, i.e. overlapped.",
-        "- backward: its computation (from its start to the last gradient computed), synced steps over no_sync ones.",
+        "- backward: its computation (from its start to the last gradient computed) in a synced step over the",
+        "  no_sync step after it.",
         "",
         "What it costs a step, three ways (in brackets: share of the synced step):",
         "",
         *cost,
         "",
-        "- synced - no_sync: all that the all-reduce costs, hidden or not (no_sync skips it).",
+        "- synced step, no_sync step: the slowest rank's (StepTimer's total), as the job waits for it.",
+        "- synced - no_sync: all that the all-reduce costs, hidden or not (no_sync skips it); the median of the",
+        "  differences between each synced step and the no_sync step after it.",
         "- exposed comm, profiler: from the end of the last backward op that computes a gradient to the start of",
-        "  the optimizer step, read from torch.profiler's trace.",
+        "  the optimizer step, read from torch.profiler's trace. On each rank, so it also counts the wait for",
+        "  a rank whose backward ended later.",
         "- exposed comm, StepTimer: report.StepTimer's figure for the same steps: from DDP handing the last bucket",
         "  to the all-reduce (a communication hook) to the optimizer step (a pre-hook). The ratio is the median of",
-        "  the per-step ratios.",
+        "  the per-step ratios; most apart: the largest difference between the two in any step.",
     ]) + "\n"  # fmt: skip
 
 
@@ -257,7 +290,7 @@ def rows(spans: list[tuple[float, float, bool, float]]) -> list[int]:
     return out
 
 
-def draw(by_run: dict[str, list[list[dict]]], path: Path) -> None:
+def draw(by_run: dict[str, list[list[dict]]], path: Path, caption: str) -> None:
     """One panel per run, two lanes per rank (its main thread, its gloo threads); one synced step."""
     import matplotlib
 
@@ -266,13 +299,21 @@ def draw(by_run: dict[str, list[list[dict]]], path: Path) -> None:
     from matplotlib.patches import Patch
 
     ranks = len(next(iter(by_run.values())))
-    fig, axes = plt.subplots(len(by_run), 1, figsize=(11, 1.6 + 1.2 * ranks * len(by_run)), sharex=True)
-    width = 0.0
-    for ax, (name, per_rank) in zip(axes, by_run.items()):
-        # The synced step of median length on rank 0, drawn for every rank.
+    fig, axes = plt.subplots(len(by_run), 1, figsize=(11, 1.8 + 1.2 * ranks * len(by_run)), sharex=True)
+    drawn = {}  # run -> the synced step of median length on rank 0, drawn for every rank
+    for name, per_rank in by_run.items():
         synced = sorted((s["step_ms"], i) for i, s in enumerate(per_rank[0]) if s["sync"])
-        index = synced[len(synced) // 2][1]
-        origin = min(steps[index]["forward"][0] for steps in per_rank)
+        drawn[name] = synced[len(synced) // 2][1]
+
+    def extent(name: str) -> tuple[float, float]:
+        """When the drawn step starts on its first rank and ends on its last."""
+        steps = [per_rank[drawn[name]] for per_rank in by_run[name]]
+        return min(s["forward"][0] for s in steps), max(s["optimizer"][1] for s in steps)
+
+    width = max(end - start for start, end in map(extent, by_run))
+    for ax, (name, per_rank) in zip(axes, by_run.items()):
+        index = drawn[name]
+        origin = extent(name)[0]
         ticks = []
         for rank, steps in enumerate(per_rank):
             s = steps[index]
@@ -286,9 +327,8 @@ def draw(by_run: dict[str, list[list[dict]]], path: Path) -> None:
             for (a, b, is_reduce, mb), row in zip(s["comm"], packed):
                 bottom = comm + 0.35 - (row + 1) * height
                 ax.broken_barh([(a - origin, b - a)], (bottom, height), color=COLOURS["all-reduce" if is_reduce else "broadcast"], edgecolor="white", linewidth=0.5)
-                if is_reduce:
+                if is_reduce and b - a > 0.04 * width:  # a label that fits in its bar
                     ax.text((a + b) / 2 - origin, bottom + height / 2, f"{mb:.0f} MB", ha="center", va="center", color="white", fontsize=7)
-            width = max(width, s["optimizer"][1] - origin)
         ax.set_yticks([y for y, _ in ticks], [text for _, text in ticks], fontsize=8)
         ax.set_ylim(-0.6, 2 * ranks - 0.4)
         step = med(steps[index]["timer"]["total"] for steps in per_rank)
@@ -296,10 +336,11 @@ def draw(by_run: dict[str, list[list[dict]]], path: Path) -> None:
         ax.set_title(f"{name}: this step {step:.0f} ms, {exposed:.0f} ms of it waiting for the all-reduce (StepTimer, median of the ranks)", fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlim(0, width * 1.02)
-    axes[-1].set_xlabel("ms since the step started (the ranks' clocks lined up at a barrier before the steps)")
+    axes[-1].set_xlabel("ms since the step started (the ranks leave a barrier together before each step)")
     legend = {"forward": "forward", "backward": "backward, computing gradients", "exposed": "waiting for the all-reduce (exposed)",
-              "optimizer": "optimizer step", "all-reduce": "all-reduce of a gradient bucket", "broadcast": "broadcast of BatchNorm buffers"}  # fmt: skip
+              "optimizer": "optimizer step", "all-reduce": "all-reduce of a gradient bucket", "broadcast": "broadcast of BatchNorm buffers (as forward starts)"}  # fmt: skip
     fig.legend(handles=[Patch(color=COLOURS[k], label=v) for k, v in legend.items()], loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(caption, fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
 
