@@ -248,7 +248,8 @@ def summary(by_run: dict[str, list[list[dict]]], args: argparse.Namespace) -> st
         f"DDP timeline, ResNet-18, batch {args.batch_size} per process, {args.nproc} processes x 1 thread, gloo, "
         f"{platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, {datetime.date.today().isoformat()}; "
         f"medians of {(args.steps + 1) // 2} synced and {args.steps // 2} no_sync steps on each of the {args.nproc} ranks, "
-        f"all from one run; load average {LOAD_AT_START:.1f} when it started (other work on the machine slows steps unevenly).",
+        f"all from one run; load average {LOAD_AT_START:.1f} as it started, {os.getloadavg()[0]:.1f} as it ended "
+        "(other work on the machine slows steps unevenly).",
         "",
         "Where the gradient all-reduce runs:",
         "",
