@@ -107,7 +107,8 @@ def profile_runs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         for step in steppers.values():
             step(True)
     splits: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:  # shapes: each bucket's size
+    # record_shapes: each bucket's size. acc_events: one cycle, so nothing to clear (torch 2.11 warns without it).
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, acc_events=True) as prof:
         dist.barrier()
         with record_function("zero"):  # each rank's times count from here
             pass
