@@ -1,7 +1,7 @@
 """See inside DDP: a timeline of ResNet-18 training steps on 2 CPU processes (gloo), with and
 without the all-reduce overlapping backward, and report.StepTimer checked against torch.profiler.
 
-    python bench/timeline.py                                      # about a minute on 2 cores
+    python bench/timeline.py                                      # about 40 s on 2 idle cores
     python bench/timeline.py --steps 2 --batch_size 8 --out /tmp/timeline    # a quick look
 
 It starts its processes with torchrun (one thread each). Every process records its steps with
@@ -27,6 +27,7 @@ import argparse
 import bisect
 import contextlib
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -51,8 +52,8 @@ RUNS = {"overlapped (DDP's 25 MB buckets)": None, "not overlapped (one bucket, b
 ALL_REDUCE = {"gloo:all_reduce", "nccl:all_reduce"}  # what the process group records for each bucket
 BROADCAST = {"gloo:broadcast", "nccl:broadcast"}  # DDP's forward sends rank 0's BatchNorm buffers
 BACKWARD_OP = "autograd::engine::evaluate_function: "
-# Runs last for each gradient and calls DDP's hook, which copies it into its bucket and, once the
-# bucket is full, hands the bucket to the all-reduce: DDP's bookkeeping, not backward's computation.
+# Runs last for each gradient and calls DDP's hook, which marks the gradient ready in its bucket and
+# hands a bucket whose gradients are all ready to the all-reduce: DDP's bookkeeping, not computation.
 HANDS_OVER = BACKWARD_OP + "torch::autograd::AccumulateGrad"
 COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "exposed": "#C44E52", "optimizer": "#55A868", "all-reduce": "#8172B3", "broadcast": "#999999"}
 
@@ -63,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="steps before the profiled ones; DDP orders its buckets in the first (default: 2)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per process and step (default: 32)")
     parser.add_argument("--nproc", type=int, default=2, help="processes, one CPU thread each (default: 2)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "timeline_cpu", help="writes OUT.png and OUT.md (default: bench/results/timeline_cpu)")
+    default_out = REPO / "bench" / "results" / "timeline_cpu"
+    parser.add_argument("--out", type=Path, default=default_out, help="writes OUT.png and OUT.md (default: bench/results/timeline_cpu)")
     args = parser.parse_args()
     if args.steps < 2 or args.warmup < 2:
         parser.error("--steps and --warmup must be 2 or more: a synced and a no_sync step; DDP's buckets are final after the first step")
@@ -132,13 +134,14 @@ def spans(events: list[Any], run: str, splits: list[dict[str, float]]) -> list[d
     steps = []
     for i, split in enumerate(splits):
         window = next(e.time_range for e in events if e.name == f"{run} step {i}")
-        inside = [e for e in events[bisect.bisect_left(starts, window.start) : bisect.bisect_right(starts, window.end)] if e.time_range.end <= window.end]
+        candidates = events[bisect.bisect_left(starts, window.start) : bisect.bisect_right(starts, window.end)]
+        inside = [e for e in candidates if e.time_range.end <= window.end]
         first = {e.name: e for e in reversed(inside)}  # this step's forward, backward, optimizer
         forward, backward, optimizer = first["forward"], first["backward"], first["optimizer"]
         computed = [e for e in inside if e.name.startswith(BACKWARD_OP) and e.name != HANDS_OVER and e.thread == backward.thread]
         grads_done = max(e.time_range.end for e in computed)  # the last gradient computed
         comm = [
-            (ms(e.time_range.start), ms(e.time_range.end), e.name in ALL_REDUCE, 4 * sum(map(prod, e.input_shapes)) / 2**20)
+            (ms(e.time_range.start), ms(e.time_range.end), e.name in ALL_REDUCE, 4 * sum(map(math.prod, e.input_shapes)) / 2**20)
             for e in inside
             if e.name in ALL_REDUCE | BROADCAST
         ]  # (start, end, is an all-reduce, MB of float32)
@@ -156,13 +159,6 @@ def spans(events: list[Any], run: str, splits: list[dict[str, float]]) -> list[d
             "timer": split,
         })  # fmt: skip
     return steps
-
-
-def prod(shape: list[int]) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -186,10 +182,10 @@ def worker(args: argparse.Namespace) -> None:
 # ---- the table and the picture, on rank 0 ----------------------------------------------------
 
 
-def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The union of spans as disjoint spans: gloo all-reduces two buckets at once on its two threads."""
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of intervals as disjoint ones: gloo all-reduces two buckets at once on its two threads."""
     out: list[tuple[float, float]] = []
-    for a, b in sorted(spans):
+    for a, b in sorted(intervals):
         if out and a <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
@@ -197,9 +193,9 @@ def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def covered(spans: list[tuple[float, float]], start: float = float("-inf"), end: float = float("inf")) -> float:
-    """How long at least one of the spans runs between start and end."""
-    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in merged(spans))
+def covered(intervals: list[tuple[float, float]], start: float = float("-inf"), end: float = float("inf")) -> float:
+    """How long at least one of the intervals lasts between start and end."""
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in merged(intervals))
 
 
 def all_reduces(step: dict[str, Any]) -> list[tuple[float, float]]:
@@ -240,17 +236,17 @@ def summary(by_run: dict[str, list[list[dict]]], args: argparse.Namespace) -> st
         timer = [s["timer"]["comm"] for s in synced]
         ratio = med(t / p for t, p in zip(timer, profiler))  # step by step: both timed the same steps
         apart = max(abs(t - p) for t, p in zip(timer, profiler))
-
-        def share(ms: float) -> str:
-            return f"{ms:.0f} ms ({ms / step:.0%})"
-
-        cost.append(f"| {name} | {step:.0f} ms | {no_sync:.0f} ms | {share(extra)} | {share(med(profiler))} | {share(med(timer))} | {ratio:.2f} | {apart:.2f} ms |")
-    return "\n".join([
+        shares = " | ".join(f"{ms:.0f} ms ({ms / step:.0%})" for ms in (extra, med(profiler), med(timer)))
+        cost.append(f"| {name} | {step:.0f} ms | {no_sync:.0f} ms | {shares} | {ratio:.2f} | {apart:.2f} ms |")
+    header = (
         f"DDP timeline, ResNet-18, batch {args.batch_size} per process, {args.nproc} processes x 1 thread, gloo, "
         f"{platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, {datetime.date.today().isoformat()}; "
         f"medians of {(args.steps + 1) // 2} synced and {args.steps // 2} no_sync steps on each of the {args.nproc} ranks, "
         f"all from one run; load average {LOAD_AT_START:.1f} as it started, {os.getloadavg()[0]:.1f} as it ended "
-        "(other work on the machine slows steps unevenly).",
+        "(other work on the machine slows steps unevenly)."
+    )
+    return "\n".join([
+        header,
         "",
         "Where the gradient all-reduce runs:",
         "",
@@ -282,13 +278,13 @@ def med(values: Any) -> float:
     return statistics.median(list(values))
 
 
-def rows(spans: list[tuple[float, float, bool, float]]) -> list[int]:
+def rows(comm: list[tuple[float, float, bool, float]]) -> list[int]:
     """A row for each span such that spans in one row do not overlap (gloo runs two at once)."""
     ends: list[float] = []
     out = []
-    for a, b, *_ in spans:
+    for a, b, *_ in comm:
         row = next((i for i, end in enumerate(ends) if end <= a), len(ends))
-        ends[row:row + 1] = [b]
+        ends[row : row + 1] = [b]
         out.append(row)
     return out
 
@@ -329,19 +325,23 @@ def draw(by_run: dict[str, list[list[dict]]], path: Path, caption: str) -> None:
             height = 0.7 / (max(packed) + 1)
             for (a, b, is_reduce, mb), row in zip(s["comm"], packed):
                 bottom = comm + 0.35 - (row + 1) * height
-                ax.broken_barh([(a - origin, b - a)], (bottom, height), color=COLOURS["all-reduce" if is_reduce else "broadcast"], edgecolor="white", linewidth=0.5)
+                colour = COLOURS["all-reduce" if is_reduce else "broadcast"]
+                ax.broken_barh([(a - origin, b - a)], (bottom, height), color=colour, edgecolor="white", linewidth=0.5)
                 if is_reduce and b - a > 0.04 * width:  # a label that fits in its bar
                     ax.text((a + b) / 2 - origin, bottom + height / 2, f"{mb:.0f} MB", ha="center", va="center", color="white", fontsize=7)
         ax.set_yticks([y for y, _ in ticks], [text for _, text in ticks], fontsize=8)
         ax.set_ylim(-0.6, 2 * ranks - 0.4)
         step = med(steps[index]["timer"]["total"] for steps in per_rank)
         exposed = med(steps[index]["timer"]["comm"] for steps in per_rank)
-        ax.set_title(f"{name}: this step {step:.0f} ms, {exposed:.0f} ms of it waiting for the all-reduce (StepTimer, median of the ranks)", fontsize=9, loc="left")
+        title = f"{name}: this step {step:.0f} ms, {exposed:.0f} ms of it waiting for the all-reduce (StepTimer, median of the ranks)"
+        ax.set_title(title, fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlim(0, width * 1.02)
     axes[-1].set_xlabel("ms since the step started (the ranks leave a barrier together before each step)")
-    legend = {"forward": "forward", "backward": "backward, computing gradients", "exposed": "waiting for the all-reduce (exposed)",
-              "optimizer": "optimizer step", "all-reduce": "all-reduce of a gradient bucket", "broadcast": "broadcast of BatchNorm buffers (as forward starts)"}  # fmt: skip
+    legend = {
+        "forward": "forward", "backward": "backward, computing gradients", "exposed": "waiting for the all-reduce (exposed)",
+        "optimizer": "optimizer step", "all-reduce": "all-reduce of a gradient bucket", "broadcast": "broadcast of BatchNorm buffers (as forward starts)",
+    }  # fmt: skip
     fig.legend(handles=[Patch(color=COLOURS[k], label=v) for k, v in legend.items()], loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(caption, fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
