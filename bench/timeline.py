@@ -165,7 +165,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # one core per process, as torchrun's default
     dist.init_process_group("gloo")
     runs = profile_runs(args)
-    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(runs, gathered)  # rank 0 draws every rank's steps
     if dist.get_rank() == 0:
         by_run = {name: [ranks[name] for ranks in gathered] for name in RUNS}  # run -> rank -> steps
