@@ -1,8 +1,9 @@
 """Starting the training processes, and the guards around it that are no part of the lesson.
 
-Step 2 starts its processes with `mp.spawn`; steps 3-4 and the capstone are started by torchrun.
-Either way: a process that cannot work says so in one line, a killed process is named, and no
-worker outlives the process that started it.
+Step 2 starts its processes with `mp.spawn`; torchrun starts those of steps 3, 4 and 6, the
+capstone, the pre-flight check and the hang lab. Either way: a process that cannot work says so in
+one line, a killed process is named, no worker outlives the process that started it, and a
+collective that hangs ends with one line saying where every rank was.
 """
 
 from __future__ import annotations
