@@ -37,6 +37,7 @@ STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 REPO = Path(__file__).resolve().parent
 SIGTERM_GRACE_S = 20  # for a worker to stop cleanly on SIGTERM (a step, a snapshot), below torchrun's 30
 ROLL_CALL_S = 3  # after a timeout, how long the ranks that timed out take to find each other
+LOST_PEER = re.compile(r"Connection (closed|reset) by peer")  # gloo, when the other end of a collective is gone
 
 
 def free_port() -> str:
@@ -189,6 +190,8 @@ def explain_collective_failure(err: RuntimeError, timeout: datetime.timedelta | 
     """
     text = " ".join(str(err).split())
     mismatch = "Detected mismatch between collectives" in text
+    if dist.is_initialized() and LOST_PEER.search(text):
+        lost_a_peer(err, text)
     if not dist.is_initialized() or not (mismatch or "timed out" in text.lower()):
         raise err
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -212,6 +215,22 @@ def explain_collective_failure(err: RuntimeError, timeout: datetime.timedelta | 
     else:
         message = f"every rank waited {waited}, each in another collective: {places}; every rank must run the same collectives in the same order (TORCH_DISTRIBUTED_DEBUG=DETAIL names them)"
     cli.fail(message, reporter=rank == min(posted))
+
+
+def lost_a_peer(err: RuntimeError, text: str) -> NoReturn:
+    """A peer process ended (crashed, killed, or stopped by torchrun) in the middle of a collective:
+    one line, from the first rank that says so; torchrun's report names the rank that ended."""
+    try:  # the job's store lives in rank 0's process or torchrun's agent, and may be gone with it
+        first = c10d._get_default_store().add("lost_peer_reported", 1) == 1
+    except Exception:
+        first = True
+    if not first:
+        raise SystemExit(1)
+    cli.fail(
+        f"rank {dist.get_rank()} lost a peer in {where_in_our_code(err)} ({LOST_PEER.search(text).group(0)}): another rank "
+        "ended first, and torchrun's report below says which and why; with --max-restarts the job restarts",
+        reporter=True,
+    )
 
 
 def where_in_our_code(err: BaseException) -> str:

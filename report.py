@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 DOMINANT = 0.4  # data or communication above this share of the step time gets one line of advice
@@ -42,7 +41,7 @@ class StepTimer:
         optimizer.register_step_pre_hook(self._before_optimizer_step)
         if isinstance(model, DDP):
             model.register_comm_hook(None, self._comm_hook)
-        self.untimed_comm = isinstance(model, FSDPModule)  # FSDP has no communication hook to mark it with
+        self.untimed_comm = dist.is_initialized() and not isinstance(model, DDP)  # FSDP has no communication hook to mark it with
 
     def _mark(self) -> Any:
         if not self.cuda:

@@ -21,18 +21,18 @@ import pickle
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 
 import cli
 
-# torch.distributed.checkpoint (DCP), for FSDP's sharded snapshots, is imported where it is used: it
-# takes a second or more to import, which the steps that do not use it need not wait for.
+# torch.distributed.checkpoint (DCP) and torch.distributed.fsdp, for FSDP's sharded snapshots, are imported
+# where they are used: they take a second or more to import, which the steps that do not use them need not wait for.
 
 SNAPSHOT_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE", "EPOCHS_RUN")
 POINTER = "latest.pt"  # in a folder of sharded snapshots: names the newest complete one
@@ -130,6 +130,12 @@ def read_or_raise(path: str, map_location: str | torch.device, required_keys: tu
     return snapshot
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was sharded by FSDP (fully_shard), without importing FSDP where no script did."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 def restore(snapshot: dict[str, Any], path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int = 0) -> int:
     """Copy a snapshot's states into `model` and `optimizer`; return the number of epochs it had run.
 
@@ -137,7 +143,7 @@ def restore(snapshot: dict[str, Any], path: str, model: torch.nn.Module, optimiz
     global batch changed, and which --batch_size would keep it.
     """
     try:
-        if isinstance(model, FSDPModule):  # sharded states, by parameter name (read_shards)
+        if is_sharded(model):  # sharded states, by parameter name (read_shards)
             from torch.distributed.checkpoint.state_dict import set_state_dict
 
             set_state_dict(model, optimizer, model_state_dict=snapshot["MODEL_STATE"], optim_state_dict=snapshot["OPTIMIZER_STATE"])
@@ -155,11 +161,11 @@ def note_global_batch(old_world: int, old_batch: int, world: int, batch: int) ->
     """One line when a resume changes the global batch (processes x per-process batch)."""
     if old_world * old_batch == world * batch:
         return
-    keep = old_world * old_batch / world
-    how = f"--batch_size {keep:g} keeps it" if keep == int(keep) else f"no --batch_size keeps it on {world} processes"
+    keep, remainder = divmod(old_world * old_batch, world)
+    how = f"--batch_size {keep} keeps it" if not remainder else f"no --batch_size keeps it on {world} processes"
     print(
-        f"Note: the global batch changed from {old_world} x {old_batch} = {old_world * old_batch} "
-        f"to {world} x {batch} = {world * batch} processes x samples; {how}",
+        f"Note: the global batch changed from {old_world * old_batch} ({old_world} process{'es' * (old_world > 1)} x {old_batch}) "
+        f"to {world * batch} ({world} x {batch}); {how}",
         flush=True,
     )
 

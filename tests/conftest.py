@@ -236,3 +236,13 @@ def slurm(slurm_cluster):
     """The session's Slurm cluster, its queue emptied after each test."""
     yield slurm_cluster
     slurm_cluster.cancel_all()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (pytest.ini: -n 2 --dist loadgroup), each file's tests run on one worker, in
+    order, sharing its module fixtures; every test that uses the Slurm cluster runs on the same worker,
+    as there is one cluster per session. Without xdist the mark does nothing."""
+    for item in items:
+        group = "slurm" if "slurm" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

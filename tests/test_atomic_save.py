@@ -24,7 +24,7 @@ for n in range(10**9):
 def test_sigkill_during_saves_never_leaves_a_broken_snapshot(tmp_path):
     path = tmp_path / "snapshot.pt"
     rng = random.Random(0)
-    for _ in range(6):
+    for _ in range(3):
         job = Job([sys.executable, "-c", WRITER, str(path)], tmp_path, name="writer")
         try:
             job.wait_for("writing", timeout=60)

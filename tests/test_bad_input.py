@@ -80,8 +80,8 @@ def assert_reported_once(result, script: str, says: str) -> None:
     assert no_traceback_from(script, output)
 
 
-@pytest.mark.parametrize("args, says", TORCHRUN_CASES)
-@pytest.mark.parametrize("script", ["multigpu_torchrun.py", "multinode.py"])
+# Each mistake once, on either script: the checks are shared (cli, snapshots); the stress test runs them all on both.
+@pytest.mark.parametrize("script, args, says", [(("multigpu_torchrun.py", "multinode.py")[i % 2], *case) for i, case in enumerate(TORCHRUN_CASES)])
 def test_bad_arguments_under_torchrun_are_reported_once_even_if_rank_0_starts_late(tmp_path, late_rank_zero, script, args, says):
     assert_reported_once(run(torchrun_cmd(script, *args), tmp_path, env=late_rank_zero), script, says)
 
@@ -147,7 +147,7 @@ SNAPSHOT_CASES = {
 
 @pytest.mark.parametrize(
     "script, kind",
-    [("multinode.py", kind) for kind in SNAPSHOT_CASES] + [("multigpu_torchrun.py", "truncated"), ("multigpu_torchrun.py", "malicious")],
+    [(("multinode.py", "multigpu_torchrun.py")[i % 2], kind) for i, kind in enumerate(SNAPSHOT_CASES)],
 )
 def test_unusable_snapshot_is_refused_and_left_untouched(tmp_path, script, kind):
     path = tmp_path / "snapshot.pt"

@@ -4,16 +4,14 @@ Every job is the project's script, submitted unmodified with `sbatch` from the r
 tests change only sbatch options (--chdir puts the output file and the snapshot in tmp_path).
 """
 
-import os
 import re
-import signal
 import subprocess
 import time
 
 import torch
 
 import snapshots
-from conftest import REPO, RESUME_ARGS, assert_bit_identical, epochs, resumed_epochs, script_env
+from conftest import REPO, RESUME_ARGS, assert_bit_identical, epochs, script_env
 
 SCRIPT = "slurm/sbatch_run.sh"
 USAGE = "submit from the repository root: sbatch slurm/sbatch_run.sh"
@@ -35,21 +33,6 @@ def test_two_node_job_trains_on_both_nodes_and_saves_a_final_snapshot(slurm, tmp
     snapshot = tmp_path / f"snapshot-{job_id}.pt"
     assert snapshots.read(str(snapshot), "cpu")["EPOCHS_RUN"] == 50
     assert (tmp_path / f"slurm-ddp-multinode-{job_id}.out").exists()
-
-
-def test_worker_killed_on_the_second_node_is_restarted_and_the_job_finishes(slurm, tmp_path, reference_snapshot):
-    job_id = slurm.sbatch(SCRIPT, *RESUME_ARGS, options=(f"--chdir={tmp_path}",))
-    slurm.wait_for_output(job_id, r"Epoch 25/60")
-    second = [pid for pid, env in slurm.workers(job_id).items() if env["SLURMD_NODENAME"] == "node2"]
-    assert len(second) == 1, slurm.workers(job_id)
-    os.kill(second[0], signal.SIGKILL)
-    job = slurm.wait_for_end(job_id)
-    output = slurm.output(job_id)
-    assert job["JobState"] == "COMPLETED", output[-3000:]
-    assert job["Restarts"] == "0"  # torchrun restarted the workers within the job; Slurm did not requeue it
-    snapshot = tmp_path / f"snapshot-{job_id}.pt"
-    resumed_epochs(output, str(snapshot))
-    assert_bit_identical(snapshot, reference_snapshot)
 
 
 def test_two_jobs_share_the_nodes_and_scancel_leaves_no_process(slurm, tmp_path):
