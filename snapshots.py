@@ -302,7 +302,9 @@ def read_pointer(path: str, required_keys: tuple[str, ...] = ("EPOCHS_RUN",)) ->
     return found
 
 
-def read_shards(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, required_keys: tuple[str, ...] = ("EPOCHS_RUN",)) -> dict[str, Any] | None:
+def read_shards(
+    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, required_keys: tuple[str, ...] = ("EPOCHS_RUN",)
+) -> dict[str, Any] | None:
     """Collective: the newest sharded snapshot in folder `path`, its shards read into this rank's; None if it has none.
 
     Every rank reads the pieces of the shards it holds now (dcp.load), whichever ranks wrote them,
