@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import snapshots
+
 DOMINANT = 0.4  # data or communication above this share of the step time gets one line of advice
 
 
@@ -41,7 +43,7 @@ class StepTimer:
         optimizer.register_step_pre_hook(self._before_optimizer_step)
         if isinstance(model, DDP):
             model.register_comm_hook(None, self._comm_hook)
-        self.untimed_comm = dist.is_initialized() and not isinstance(model, DDP)  # FSDP has no communication hook to mark it with
+        self.untimed_comm = snapshots.is_sharded(model)  # FSDP has no communication hook to mark it with
 
     def _mark(self) -> Any:
         if not self.cuda:

@@ -199,6 +199,19 @@ def resumed_epochs(output: str, snapshot: str = "snapshot.pt") -> int:
     return done
 
 
+def stop_with_sigusr1(cmd: list[str], folder: Path, at: str, local_rank: int = 0, env: dict[str, str] | None = None) -> str:
+    """Start a run, SIGUSR1 one worker once the output matches `at`, wait for the clean stop; return the output."""
+    job = Job(cmd, folder, name=f"stopped{len(list(folder.glob('stopped*.log')))}", env=env)
+    try:
+        job.wait_for(at)
+        os.kill(job.worker(local_rank=local_rank), signal.SIGUSR1)
+        assert job.wait(timeout=120) == 0, job.output()[-3000:]
+    finally:
+        job.stop()
+    assert "Stopping on SIGUSR1" in job.output()
+    return job.output()
+
+
 @pytest.fixture(scope="session")
 def reference_snapshot(tmp_path_factory) -> Path:
     """Final snapshot of an uninterrupted 2-rank `multigpu_torchrun.py 60 10` run."""

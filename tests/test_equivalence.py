@@ -4,9 +4,7 @@ resume exactly on another number of processes. Real torchrun runs on CPU, 1 to 4
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import datautils
-from conftest import RESUME_ARGS, Job, epochs, run, snapshot_tensors, torchrun_cmd
+from conftest import RESUME_ARGS, epochs, run, snapshot_tensors, stop_with_sigusr1, torchrun_cmd
 from mingpt.config import TrainerConfig
 from mingpt.trainer import batch_plan
 from test_mingpt import TINY_MODEL
@@ -132,25 +130,12 @@ def test_mingpt_global_batch_refuses_a_process_count_that_cannot_share_it(capsys
     )
 
 
-def stop_mid_epoch(cmd: list[str], folder: Path, epoch: int, env: dict[str, str]) -> str:
-    """Start a run, SIGUSR1 one worker once it logs step 15 of `epoch`; return its output."""
-    job = Job(cmd, folder, name=f"chain{len(list(folder.glob('chain*.log')))}", env=env)
-    try:
-        job.wait_for(rf"epoch {epoch} \| step 15/40")
-        os.kill(job.worker(local_rank=0), signal.SIGUSR1)
-        assert job.wait(timeout=120) == 0, job.output()[-3000:]
-    finally:
-        job.stop()
-    assert "Stopping on SIGUSR1" in job.output()
-    return job.output()
-
-
 def test_mingpt_resumed_mid_epoch_on_2_then_1_then_3_processes_trains_each_window_once(tmp_path, equal_corpus, two_process_run):
     record = tmp_path / "windows"
     record.mkdir()
     env = {"MINGPT_WINDOW_LOG": str(record)}
-    stop_mid_epoch(gpt_cmd(equal_corpus, 2), tmp_path, epoch=1, env=env)
-    second = stop_mid_epoch(gpt_cmd(equal_corpus, 1), tmp_path, epoch=2, env=env)
+    stop_with_sigusr1(gpt_cmd(equal_corpus, 2), tmp_path, r"epoch 1 \| step 15/40", env=env)
+    second = stop_with_sigusr1(gpt_cmd(equal_corpus, 1), tmp_path, r"epoch 2 \| step 15/40", env=env)
     assert "Note: saved by 2 processes, resumed by 1" in second
     last = run(gpt_cmd(equal_corpus, 3), tmp_path, env=env)
     assert last.returncode == 0, last.stderr[-3000:]

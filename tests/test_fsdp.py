@@ -21,7 +21,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import snapshots
-from conftest import REPO, Job, epochs, free_port, multinode_cmd, no_traceback_from, run, torchrun_cmd
+from conftest import REPO, Job, epochs, free_port, multinode_cmd, no_traceback_from, run, stop_with_sigusr1, torchrun_cmd
 from test_bad_input import RunsCode
 
 ARGS = ("20", "5")  # 20 epochs, a snapshot every 5: every interrupted run must end as this one does
@@ -247,13 +247,7 @@ def test_mingpt_sharded_learns_with_one_shard_file_per_rank(gpt_fsdp_run):
 
 def test_mingpt_sharded_stopped_mid_epoch_resumes_bit_identical(tmp_path, gpt_fsdp_run):
     shutil.copy(gpt_fsdp_run / "corpus.txt", tmp_path / "corpus.txt")
-    job = Job(gpt_cmd(tmp_path), tmp_path, name="stopped")
-    try:
-        job.wait_for(r"epoch 2 \| step 40/")
-        os.kill(job.worker(local_rank=1), signal.SIGUSR1)
-        assert job.wait(timeout=120) == 0, job.output()[-3000:]
-    finally:
-        job.stop()
+    stop_with_sigusr1(gpt_cmd(tmp_path), tmp_path, r"epoch 2 \| step 40/", local_rank=1)
     again = run(gpt_cmd(tmp_path), tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.search(r"Resuming from gpt.dcp: 1 epochs \+ [1-9][\d,]* windows done", again.stdout), again.stdout[-2000:]
