@@ -2,8 +2,9 @@
 
 Step 2 starts its processes with `mp.spawn`; torchrun starts those of steps 3, 4 and 6, the
 capstone, the pre-flight check and the hang lab. Either way: a process that cannot work says so in
-one line, a killed process is named, no worker outlives the process that started it, and a
-collective that hangs ends with one line saying where every rank was.
+one line, a killed process is named, no worker outlives the process that started it, a collective
+that hangs ends with one line saying where every rank was, and a destroyed process group is freed,
+so that a run that went well cannot abort as it exits.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
+
+# Before any process group exists, so that destroy_process_group can free it. torch.distributed.nn
+# takes `group=group.WORLD` as a default argument: imported after init_process_group (torch._dynamo
+# imports it when a process makes its first optimizer), it holds on to the process group for good.
+# Gloo's threads then outlive destroy_process_group, and one still letting go of a finished
+# collective's tensor as Python shuts down aborts the process: "terminate called without an
+# active exception", SIGABRT, after a run that went well.
+import torch.distributed.nn  # noqa: F401
 
 import cli
 
@@ -81,14 +90,34 @@ def guard_worker() -> None:
 
 
 def end_process_group_left_up() -> None:
-    """At exit, destroy a process group that an error left up (a step destroys its own in `finally`).
+    """At exit, destroy a process group that an error left up (a step destroys its own in `finally`),
+    and free the groups that DTensor's caches still hold (FSDP's, after destroy_process_group).
 
-    A process that exits with its group still up can abort on the way out ("terminate called
-    without an active exception"), and then reports a crash instead of its error.
+    A process that exits with a group still alive can abort on the way out ("terminate called
+    without an active exception"), and then reports a crash instead of its result or its error.
     """
     if dist.is_initialized():
         gc.collect()  # first whatever still uses the group
         dist.destroy_process_group()
+    forget_device_meshes()
+    gc.collect()  # frees the groups, which waits for gloo's threads while Python still runs
+
+
+def forget_device_meshes() -> None:
+    """Empty the caches in which DTensor keeps every device mesh it has planned for, each mesh with
+    its process groups (torch 2.14; a cache that a torch version lacks is skipped)."""
+    if "torch.distributed.tensor" not in sys.modules:  # no FSDP, no DTensor: nothing to forget
+        return
+    from torch.distributed.tensor import _collective_utils, _redistribute, debug
+
+    for clear in (
+        getattr(debug, "_clear_sharding_prop_cache", None),
+        getattr(_redistribute, "clear_redistribute_planner_cache", None),
+        getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None),
+        getattr(getattr(_collective_utils.MeshTopoInfo, "build_from_mesh", None), "cache_clear", None),
+    ):
+        if clear is not None:
+            clear()
 
 
 def end_on_sigterm_when_stuck() -> None:

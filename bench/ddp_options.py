@@ -8,13 +8,18 @@ measured on this project's 2-core CPU machine (OMP_NUM_THREADS=1, torchrun's def
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torchvision
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import launch  # noqa: E402, F401  (before the process group exists, so that it can be freed: see launch.py)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--no_ddp", action="store_true", help="train the plain model (the baseline)")

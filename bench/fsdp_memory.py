@@ -81,6 +81,8 @@ def worker(out: str, device: str) -> None:
     """One rank of a torchrun job: DDP, then FSDP; rank 0 writes every rank's counts to `out`."""
     import torch.distributed as dist
 
+    import launch  # before the process group exists, so that it can be freed: see launch.py
+
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=5))
@@ -90,7 +92,7 @@ def worker(out: str, device: str) -> None:
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(everyone))
     dist.barrier()
-    dist.destroy_process_group()
+    launch.end_process_group_left_up()  # destroys the group and frees what DTensor's caches keep of it
 
 
 def table(results: dict[int, list[dict]], device: str) -> str:

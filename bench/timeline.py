@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # report.py and datautils.py live at the top level
+sys.path.insert(0, str(REPO))  # report.py, datautils.py and launch.py live at the top level
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import datautils  # noqa: E402
+import launch  # noqa: E402, F401  (imported before the process group exists, so that it can be freed: see launch.py)
 from report import StepTimer  # noqa: E402
 
 # DDP's bucket_cap_mb for each run. None: DDP's default, 25 MB. 1000 MB holds all of ResNet-18's 43 MB.

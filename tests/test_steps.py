@@ -1,11 +1,13 @@
 """Each step runs end to end on CPU, really learns, and saves what it says it saves."""
 
+import re
 import threading
 
 
+import pytest
 import torch
 
-from conftest import epochs, python_cmd, run, torchrun_cmd
+from conftest import REPO, epochs, python_cmd, run, torchrun_cmd
 
 import datautils
 
@@ -42,6 +44,39 @@ def test_multigpu_spawns_two_cpu_ranks_that_learn(tmp_path):
     assert_learns(result.stdout, 20)
     # Each rank sees half the data; only rank 0 prints.
     assert result.stdout.count("steps 32 | batch 32 x 2 ranks") == 20
+
+
+# What a step does around its process group, in order: import launch, join, make the model and the
+# optimizer (which imports torch._dynamo), train a step, leave. Prints how many of gloo's threads (named pt_gloo_runloop, gloo_tcp_loop) are alive.
+FREED = f"""
+import gc, os, sys, types, torch, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+import datautils, fsdp, launch
+gloo = lambda: sum("gloo" in open(f"/proc/self/task/{{task}}/comm").read() for task in os.listdir("/proc/self/task"))
+dist.init_process_group("gloo")
+shard = lambda model: fsdp.shard_model(model, "cpu", types.SimpleNamespace(sync_bn=False, workload="toy"))
+_, _, model, optimizer = datautils.load_train_objs("toy", shard=shard if sys.argv[1] == "fsdp" else lambda model: None)
+model = model if sys.argv[1] == "fsdp" else torch.nn.parallel.DistributedDataParallel(model)
+model(torch.ones(2, datautils.IN_FEATURES)).sum().backward()
+optimizer.step()
+training = gloo()
+model = optimizer = None
+gc.collect()
+dist.destroy_process_group()
+if sys.argv[1] == "fsdp":
+    launch.end_process_group_left_up()  # what every worker runs at exit: DTensor's caches hold FSDP's group
+print(f"gloo threads: {{training}} in training, {{gloo()}} after destroy_process_group", flush=True)
+"""
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_destroy_process_group_frees_gloo_so_a_finished_run_cannot_abort_at_exit(tmp_path, wrapper):
+    # Threads of gloo left alive at exit abort a process now and then (SIGABRT) after it succeeded.
+    (tmp_path / "freed.py").write_text(FREED)
+    result = run(torchrun_cmd(str(tmp_path / "freed.py"), wrapper), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = re.findall(r"gloo threads: (\d+) in training, (\d+) after destroy_process_group", result.stdout)
+    assert len(counts) == 2 and all(int(training) > 0 and after == "0" for training, after in counts), result.stdout
 
 
 def test_two_multigpu_jobs_on_one_host_do_not_collide(tmp_path):
