@@ -14,6 +14,8 @@ import contextlib
 import ctypes
 import datetime
 import gc
+import importlib
+import operator
 import os
 import re
 import signal
@@ -108,16 +110,16 @@ def forget_device_meshes() -> None:
     its process groups (torch 2.14; a cache that a torch version lacks is skipped)."""
     if "torch.distributed.tensor" not in sys.modules:  # no FSDP, no DTensor: nothing to forget
         return
-    from torch.distributed.tensor import _collective_utils, _redistribute, debug
-
-    for clear in (
-        getattr(debug, "_clear_sharding_prop_cache", None),
-        getattr(_redistribute, "clear_redistribute_planner_cache", None),
-        getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None),
-        getattr(getattr(_collective_utils.MeshTopoInfo, "build_from_mesh", None), "cache_clear", None),
+    for module, clear in (
+        ("debug", "_clear_sharding_prop_cache"),
+        ("_redistribute", "clear_redistribute_planner_cache"),
+        ("_redistribute", "_gen_transform_infos.cache_clear"),
+        ("_collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
     ):
-        if clear is not None:
-            clear()
+        try:
+            operator.attrgetter(clear)(importlib.import_module(f"torch.distributed.tensor.{module}"))()
+        except (ImportError, AttributeError):
+            continue
 
 
 def end_on_sigterm_when_stuck() -> None:
