@@ -3,7 +3,6 @@
 import re
 import threading
 
-
 import pytest
 import torch
 
@@ -52,7 +51,9 @@ def test_multigpu_spawns_two_cpu_ranks_that_learn(tmp_path):
 FREED = f"""
 import gc, os, sys, types, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
-import datautils, fsdp, launch
+import datautils, launch
+if sys.argv[1] == "fsdp":
+    import fsdp  # not for DDP: importing FSDP imports torch.distributed.nn, as launch does
 gloo = lambda: sum("gloo" in open(f"/proc/self/task/{{task}}/comm").read() for task in os.listdir("/proc/self/task"))
 dist.init_process_group("gloo")
 shard = lambda model: fsdp.shard_model(model, "cpu", types.SimpleNamespace(sync_bn=False, workload="toy"))
