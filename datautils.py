@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-import cli
+from support import cli
 
 IN_FEATURES = 20
 TOY_VAL_SIZE = 1000  # not a multiple of 3: three ranks get shards of different sizes

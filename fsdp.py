@@ -25,12 +25,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-import cli
+from support import cli
 import datautils
-import launch
-import snapshots
+from support import launch
+from support import snapshots
 from datautils import load_train_objs, loss_fn
-from report import Report
+from support.report import Report
 
 USAGE = "torchrun --nnodes=2 --nproc_per_node=gpu --rdzv_id=456 --rdzv_backend=c10d --rdzv_endpoint=HOST:29603 fsdp.py"
 STOP_REQUESTED = threading.Event()  # set by SIGUSR1: stop after this epoch, with a snapshot

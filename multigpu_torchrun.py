@@ -19,12 +19,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-import cli
+from support import cli
 import datautils
-import launch
-import snapshots
+from support import launch
+from support import snapshots
 from datautils import load_train_objs, loss_fn
-from report import Report
+from support.report import Report
 
 USAGE = "torchrun --standalone --nproc_per_node=gpu multigpu_torchrun.py (on a machine without GPUs: --nproc_per_node=2)"
 

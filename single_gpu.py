@@ -9,11 +9,11 @@ import argparse
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import cli
+from support import cli
 import datautils
-import snapshots
+from support import snapshots
 from datautils import load_train_objs, loss_fn
-from report import Report
+from support.report import Report
 
 CHECKPOINT_PATH = "checkpoint.pt"
 

@@ -19,7 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import launch  # noqa: E402, F401  (before the process group exists, so that it can be freed: see launch.py)
+from support import launch  # noqa: E402, F401  (before the process group exists, so that it can be freed: see launch.py)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--no_ddp", action="store_true", help="train the plain model (the baseline)")

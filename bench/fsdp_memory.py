@@ -81,7 +81,7 @@ def worker(out: str, device: str) -> None:
     """One rank of a torchrun job: DDP, then FSDP; rank 0 writes every rank's counts to `out`."""
     import torch.distributed as dist
 
-    import launch  # before the process group exists, so that it can be freed: see launch.py
+    from support import launch  # noqa: F401  before the process group exists, so that it can be freed: see launch.py
 
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

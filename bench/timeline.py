@@ -45,8 +45,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import datautils  # noqa: E402
-import launch  # noqa: E402, F401  (imported before the process group exists, so that it can be freed: see launch.py)
-from report import StepTimer  # noqa: E402
+from support import launch  # noqa: E402, F401  (imported before the process group exists, so that it can be freed: see launch.py)
+from support.report import StepTimer  # noqa: E402
 
 # DDP's bucket_cap_mb for each run. None: DDP's default, 25 MB. 1000 MB holds all of ResNet-18's 43 MB.
 RUNS = {"overlapped (DDP's 25 MB buckets)": None, "not overlapped (one bucket, bucket_cap_mb=1000)": 1000}

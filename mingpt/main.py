@@ -22,10 +22,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed import destroy_process_group, init_process_group  # noqa: E402
 
-import cli  # noqa: E402
+from support import cli  # noqa: E402
 import datautils  # noqa: E402
-import launch  # noqa: E402
-import snapshots  # noqa: E402
+from support import launch  # noqa: E402
+from support import snapshots  # noqa: E402
 from mingpt.char_dataset import CharDataset, DataError, decode, download, is_url, read_text, split_datasets, vocabulary  # noqa: E402
 from mingpt.config import DEFAULT_CONFIG, Configs, ConfigError, load_config, settings_help  # noqa: E402
 from mingpt.model import GPT  # noqa: E402

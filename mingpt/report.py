@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mingpt.config import TrainerConfig
-from report import StepTimer, TensorBoard, advice, describe, shares
+from support.report import StepTimer, TensorBoard, advice, describe, shares
 
 # Dense bf16 peak FLOP/s of the cards we measure MFU against.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -26,8 +26,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-import cli
-import snapshots
+from support import cli
+from support import snapshots
 from mingpt.char_dataset import CharDataset
 from mingpt.config import OptimizerConfig, TrainerConfig
 from mingpt.model import GPT

@@ -1,5 +1,5 @@
 #!/bin/bash
-# preflight.py on the nodes a job gets, started as slurm/sbatch_run.sh starts the training: one
+# tools/preflight.py on the nodes a job gets, started as slurm/sbatch_run.sh starts the training: one
 # torchrun per node, meeting at the first node. Ask for what the training job will ask for:
 #
 #   sbatch slurm/preflight.sh                          # from the repository root: 2 nodes
@@ -26,4 +26,4 @@ echo "$SLURM_NNODES nodes x $NPROC_PER_NODE processes, rendezvous at $head_addr:
 srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1 \
     torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head_addr:$RDZV_PORT" \
-    "$SLURM_SUBMIT_DIR/preflight.py" "$@"
+    "$SLURM_SUBMIT_DIR/tools/preflight.py" "$@"

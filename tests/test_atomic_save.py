@@ -5,14 +5,14 @@ import signal
 import sys
 import time
 
-import snapshots
+from support import snapshots
 from conftest import REPO, Job
 
 # Writes two alternating 8 MB snapshots to the same path as fast as it can.
 WRITER = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-import snapshots
+from support import snapshots
 versions = [{{"MODEL_STATE": {{"w": torch.full((2_000_000,), float(i))}}, "OPTIMIZER_STATE": {{}}, "EPOCHS_RUN": i}} for i in (1, 2)]
 snapshots.atomic_save(versions[0], sys.argv[1])
 print("writing", flush=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-import snapshots
+from support import snapshots
 from conftest import (
     RESUME_ARGS,
     assert_bit_identical,

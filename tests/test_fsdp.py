@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-import snapshots
+from support import snapshots
 from conftest import REPO, Job, epochs, free_port, multinode_cmd, no_traceback_from, run, stop_with_sigusr1, torchrun_cmd
 from test_bad_input import RunsCode
 
@@ -129,7 +129,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
-import snapshots
+from support import snapshots
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 snapshots.check_shared_folder(sys.argv[1])

@@ -15,7 +15,7 @@ NODE = re.compile(r"^node (\d+)  (\S+)\s+(ranks? [\d-]+)\s+(\S+) (\S+)\s+(.+)$",
 
 
 def test_two_processes_on_one_machine_pass_with_a_line_per_node_and_all_reduce_rows(tmp_path):
-    result = run(torchrun_cmd("preflight.py"), tmp_path, timeout=120)
+    result = run(torchrun_cmd("tools/preflight.py"), tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0] == f"preflight: 2 ranks on 1 node, gloo, torch {torch.__version__}"
@@ -29,7 +29,7 @@ def test_two_processes_on_one_machine_pass_with_a_line_per_node_and_all_reduce_r
 
 
 def test_interface_that_does_not_exist_is_one_problem_line_with_its_fix(tmp_path):
-    result = run(torchrun_cmd("preflight.py", "--timeout", "20"), tmp_path, timeout=120, env={"GLOO_SOCKET_IFNAME": "nosuch0"})
+    result = run(torchrun_cmd("tools/preflight.py", "--timeout", "20"), tmp_path, timeout=120, env={"GLOO_SOCKET_IFNAME": "nosuch0"})
     assert result.returncode != 0
     assert NODE.search(result.stdout).group(4, 5, 6) == ("nosuch0", "(none)", "GLOO_SOCKET_IFNAME=nosuch0")
     problems = [line for line in result.stdout.splitlines() if line.startswith("problem:")]
@@ -47,13 +47,13 @@ def test_interface_that_does_not_exist_is_one_problem_line_with_its_fix(tmp_path
 @pytest.mark.parametrize(
     "args, says",
     [
-        ([], "error: this is launched by torchrun, not python: torchrun --standalone --nproc_per_node=gpu preflight.py"),
+        ([], "error: this is launched by torchrun, not python: torchrun --standalone --nproc_per_node=gpu tools/preflight.py"),
         (["--timeout", "0"], "preflight.py: error: argument --timeout: must be greater than 0, got 0 (see --help)"),
     ],
     ids=["python", "timeout"],
 )
 def test_started_wrong_it_says_so_in_one_line(tmp_path, args, says):
-    result = run(python_cmd("preflight.py", *args), tmp_path)
+    result = run(python_cmd("tools/preflight.py", *args), tmp_path)
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
 

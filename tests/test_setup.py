@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-import cli
+from support import cli
 from conftest import REPO, python_cmd, run, torchrun_cmd
 
 TOO_OLD = "2.5.1+cu124"  # what a learner who skipped the install might have

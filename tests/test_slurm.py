@@ -10,7 +10,7 @@ import time
 
 import torch
 
-import snapshots
+from support import snapshots
 from conftest import REPO, RESUME_ARGS, assert_bit_identical, epochs, script_env
 
 SCRIPT = "slurm/sbatch_run.sh"

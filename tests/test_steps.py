@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO, epochs, python_cmd, run, torchrun_cmd
 
-import cli
+from support import cli
 import datautils
 
 
@@ -51,7 +51,8 @@ def test_multigpu_spawns_two_cpu_ranks_that_learn(tmp_path):
 FREED = f"""
 import gc, os, sys, types, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
-import datautils, launch
+import datautils
+from support import launch
 if sys.argv[1] == "fsdp":
     import fsdp  # not for DDP: importing FSDP imports torch.distributed.nn, as launch does
 gloo = lambda: sum("gloo" in open(f"/proc/self/task/{{task}}/comm").read() for task in os.listdir("/proc/self/task"))

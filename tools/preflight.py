@@ -1,6 +1,6 @@
 """Pre-flight check: run it before a long job, started exactly as the job will be, on every node.
-    torchrun --standalone --nproc_per_node=gpu preflight.py       # one machine
-    torchrun --nnodes=2 --nproc_per_node=gpu --rdzv_id=456 --rdzv_backend=c10d --rdzv_endpoint=HOST:29603 preflight.py
+    torchrun --standalone --nproc_per_node=gpu tools/preflight.py       # one machine
+    torchrun --nnodes=2 --nproc_per_node=gpu --rdzv_id=456 --rdzv_backend=c10d --rdzv_endpoint=HOST:29603 tools/preflight.py
 
 In seconds, global rank 0 prints one line per node (its host, its ranks, the network interface
 gloo or NCCL uses there), the time and bus bandwidth of all-reduces at a few sizes, one line
@@ -17,15 +17,17 @@ import json
 import os
 import socket
 import struct
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import cli
-import launch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root holds support/
+from support import cli, launch  # noqa: E402
 
-USAGE = "torchrun --standalone --nproc_per_node=gpu preflight.py; on several nodes, the job's torchrun command with preflight.py"
+USAGE = "torchrun --standalone --nproc_per_node=gpu tools/preflight.py; on several nodes, the job's torchrun command with tools/preflight.py"
 SIZES = (("4 B", 4), ("64 KiB", 64 << 10), ("1 MiB", 1 << 20), ("16 MiB", 16 << 20))  # latency ... bandwidth
 SIOCGIFFLAGS, SIOCGIFADDR, IFF_UP = 0x8913, 0x8915, 0x1  # linux/sockios.h, linux/if.h
 

@@ -1,8 +1,8 @@
 """The hang lab: two classic ways to hang a DDP job, reproduced on CPU in seconds, and their fixes.
 
-    torchrun --standalone --nproc_per_node=2 hang_lab.py uneven_batches            # hangs until --timeout
-    torchrun --standalone --nproc_per_node=2 hang_lab.py uneven_batches --fixed    # does not
-    TORCH_DISTRIBUTED_DEBUG=DETAIL torchrun --standalone --nproc_per_node=2 hang_lab.py rank0_evaluation
+    torchrun --standalone --nproc_per_node=2 tools/hang_lab.py uneven_batches            # hangs until --timeout
+    torchrun --standalone --nproc_per_node=2 tools/hang_lab.py uneven_batches --fixed    # does not
+    TORCH_DISTRIBUTED_DEBUG=DETAIL torchrun --standalone --nproc_per_node=2 tools/hang_lab.py rank0_evaluation
 
 Every rank must run the same collectives in the same order. uneven_batches: the ranks get shards
 of different sizes, so one runs a training step more, and its gradient all-reduce waits for ranks
@@ -16,15 +16,17 @@ constructor on CPU in torch 2.14.1, and this lab shows what DETAIL reports.
 """
 
 import datetime
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import cli
-import launch
-import datautils
-from datautils import MyTrainDataset, loss_fn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root holds datautils.py and support/
+import datautils  # noqa: E402
+from datautils import MyTrainDataset, loss_fn  # noqa: E402
+from support import cli, launch  # noqa: E402
 
 SAMPLES = 101  # an odd number: 2 ranks get 51 and 50 samples unless the sampler evens them out
 BATCH = 10
@@ -87,7 +89,7 @@ if __name__ == "__main__":
         "--timeout", type=cli.seconds, default=datetime.timedelta(seconds=5), metavar="SECONDS", help="how long a collective waits (default: 5)"
     )
     args = parser.parse_args()
-    launch.torchrun_worker("cpu", "torchrun --standalone --nproc_per_node=2 hang_lab.py uneven_batches")
+    launch.torchrun_worker("cpu", "torchrun --standalone --nproc_per_node=2 tools/hang_lab.py uneven_batches")
     dist.init_process_group("gloo", timeout=args.timeout)
     try:
         main(args.case, args.fixed, args.epochs)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-import cli
+from support import cli
 
 # torch.distributed.checkpoint (DCP) and torch.distributed.fsdp, for FSDP's sharded snapshots, are imported
 # where they are used: they take a second or more to import, which the steps that do not use them need not wait for.

@@ -41,11 +41,11 @@ import torch.multiprocessing as mp
 # active exception", SIGABRT, after a run that went well.
 import torch.distributed.nn  # noqa: F401
 
-import cli
+from support import cli
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 SIGTERM_GRACE_S = 20  # for a worker to stop cleanly on SIGTERM (a step, a snapshot), below torchrun's 30
 ROLL_CALL_S = 3  # after a timeout, how long the ranks that timed out take to find each other
 LOST_PEER = re.compile(r"Connection (closed|reset) by peer")  # gloo, when the other end of a collective is gone

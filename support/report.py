@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import snapshots
+from support import snapshots
 
 DOMINANT = 0.4  # data or communication above this share of the step time gets one line of advice
 
