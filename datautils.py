@@ -7,6 +7,7 @@ and a held-out validation set.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -52,7 +53,7 @@ class MyTrainDataset(Dataset):
         batch = torch.tensor(indices)
         return Batch((self.inputs.index_select(0, batch), self.targets.index_select(0, batch)))
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_augmentation_epoch(self, epoch: int) -> None:
         """Nothing to draw again each epoch: the toy has no augmentation."""
 
 
@@ -70,8 +71,8 @@ class AugmentedImages(Dataset):
 
     Each image's draw is seeded by (seed, epoch, index): it differs from image to image and from
     epoch to epoch, so no two ranks or loader workers repeat each other's draws, and it is the
-    same in every run, on any number of processes or workers, and after a resume. `set_epoch`
-    picks the epoch, as `DistributedSampler.set_epoch` does for the shuffle.
+    same in every run, on any number of processes or workers, and after a resume.
+    `set_augmentation_epoch` picks the epoch (as `DistributedSampler.set_epoch` does for the shuffle).
     """
 
     def __init__(self, images: Dataset, seed: int = 0):
@@ -82,7 +83,7 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_augmentation_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def draw(self, index: int) -> tuple[int, int, bool]:
@@ -119,23 +120,28 @@ def cifar10(data_dir: str) -> tuple[Dataset, Dataset]:
     return AugmentedImages(train), datasets.CIFAR10(data_dir, train=False, transform=to_tensor)
 
 
-def load_train_objs(
-    workload: str = "toy", data_dir: str = "./data", shard: Callable[[torch.nn.Module], None] = lambda model: None
-) -> tuple[Dataset, Dataset, torch.nn.Module, torch.optim.Optimizer]:
-    """The training set, the validation set, the model and the optimizer.
+@dataclasses.dataclass
+class Workload:
+    """What `load_train_objs` builds, as the steps' --workload, --data_dir and --sync_bn say."""
 
-    Seeded, so every run starts from the same weights. `shard` (FSDP) replaces the model's parameters
-    with this process's shards: it runs before the optimizer is made, so that it holds the shards."""
+    workload: str = "toy"
+    data_dir: str = "./data"
+    sync_bn: bool = False
+
+
+def load_train_objs(args: Any = Workload()) -> tuple[Dataset, Dataset, torch.nn.Module, torch.optim.Optimizer]:
+    """The training set, the validation set, the model and the optimizer, for the parsed command line
+    `args` (or a `Workload`). Seeded, so every run starts from the same weights."""
     torch.manual_seed(0)
-    if workload == "images":
+    if args.workload == "images":
         from torchvision.models import resnet18
 
         model = resnet18(num_classes=10)
-        shard(model)
+        if getattr(args, "sync_bn", False):  # BatchNorm statistics over the batch of all ranks, not each rank's own part
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        return *cifar10(data_dir), model, optimizer
+        return *cifar10(args.data_dir), model, optimizer
     model = torch.nn.Linear(IN_FEATURES, 1)
-    shard(model)
     # Momentum gives the optimizer real state: a resume that lost it would train differently.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     return MyTrainDataset(2048), MyTrainDataset(TOY_VAL_SIZE, seed=1), model, optimizer

@@ -1,19 +1,12 @@
-"""Step 4: several machines (nodes).  Run the same command on every node (HOST: the first node):
-    torchrun --nnodes=2 --nproc_per_node=gpu --max-restarts=3 --rdzv_id=456 --rdzv_backend=c10d --rdzv_endpoint=HOST:29603 multinode.py
+"""Step 4: several machines (nodes): global rank vs local rank, and a snapshot copy on every node.
 
-New: LOCAL_RANK numbers the processes of one node and picks the GPU; RANK numbers them in the whole
-job and decides who speaks. Nodes share no files: each keeps its own copy of the snapshot, and at
-start all ranks resume from the newest copy any node has. SIGUSR1 (Slurm's warning before a time
-limit) stops every rank after the same epoch, with a snapshot.
+Run the same command on every node (HOST: an address of the first node that the others reach):
+    torchrun --nnodes=2 --nproc_per_node=gpu --rdzv_id=456 --rdzv_backend=c10d --rdzv_endpoint=HOST:29603 multinode.py
 """
 
 import argparse
 import datetime
-import gc
 import os
-import signal
-import sys
-import threading
 
 import torch
 import torch.distributed as dist
@@ -22,22 +15,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from support import cli
 import datautils
-from support import launch
-from support import snapshots
 from datautils import load_train_objs, loss_fn
+from support import cli, launch, snapshots
 from support.report import Report
 
 USAGE = "torchrun --nnodes=2 --nproc_per_node=gpu --rdzv_id=456 --rdzv_backend=c10d --rdzv_endpoint=HOST:29603 multinode.py"
-STOP_REQUESTED = threading.Event()  # set by SIGUSR1: stop after this epoch, with a snapshot
 
 
 def ddp_setup(device: str, timeout: datetime.timedelta | None) -> None:
-    """Join the process group; torchrun has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT."""
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before init, so NCCL and this process use this GPU only
-    init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=timeout)
+    """Join the process group: NCCL between GPUs, gloo between CPU processes."""
+    gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device == "cuda" else None  # torchrun sets LOCAL_RANK, RANK, ...
+    if gpu:
+        torch.cuda.set_device(gpu)  # before init: NCCL and this process use this GPU only
+    init_process_group(backend="nccl" if gpu else "gloo", timeout=timeout, device_id=gpu)  # rank, world size: from torchrun
 
 
 class Trainer:
@@ -53,8 +44,8 @@ class Trainer:
         snapshot_path: str,
         faults: launch.Faults,
     ) -> None:
-        self.local_rank = int(os.environ["LOCAL_RANK"])  # this process on this node: picks the GPU
-        self.global_rank = int(os.environ["RANK"])  # this process in the whole job: decides who speaks
+        self.local_rank = int(os.environ["LOCAL_RANK"])  # this process on its node: picks the GPU
+        self.global_rank = int(os.environ["RANK"])  # this process in the whole job: rank 0 speaks
         self.device = f"cuda:{self.local_rank}" if device == "cuda" else device
         self.model = model.to(self.device)
         self.train_data = train_data
@@ -64,31 +55,34 @@ class Trainer:
         self.snapshot_path = snapshot_path
         self.faults = faults
         self.epochs_run = 0
-        self.writes_snapshot = snapshots.writes_copy(snapshot_path)  # each node's local rank 0; one per shared folder
         self._load_snapshot(snapshot_path)
-        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
-        self.model = DDP(self.model, device_ids=[self.local_rank] if device == "cuda" else None, gradient_as_bucket_view=True)
-        self.report = Report(self.model, optimizer, self.device, tensorboard_dir)  # epoch lines, step-time split, TensorBoard
+        self.model = DDP(self.model, device_ids=[self.device] if device == "cuda" else None)  # rank 0's weights sent to every rank, now
+        self.report = Report(self.model, optimizer, self.device, tensorboard_dir)  # the epoch line, where the step time went, TensorBoard
 
     def _load_snapshot(self, snapshot_path: str) -> None:
-        # Each node may hold a copy (or none, or an older one): all ranks get the newest any node has.
-        snapshot = snapshots.newest_copy(snapshot_path, progress=lambda copy: copy["EPOCHS_RUN"])
-        if snapshot is None:
+        # Nodes share no disk, and a node may hold an older copy, or none: local rank 0 of each node reads
+        # its node's copy (as step 3 reads the file), and the newest of them is sent to every rank.
+        snapshot = snapshots.newest_copy(snapshot_path)
+        if snapshot is None:  # no node has a copy
             return
+        with snapshots.mismatch_reported(snapshot_path):  # another model's snapshot: one line, not a traceback
+            self.model.load_state_dict(snapshot["MODEL_STATE"])
+            self.optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
+        self.epochs_run = snapshot["EPOCHS_RUN"]
         if self.global_rank == 0:
-            print(f"Resuming from {snapshot_path}: {snapshot['EPOCHS_RUN']} epochs done", flush=True)
-        self.epochs_run = snapshots.restore(snapshot, snapshot_path, self.model, self.optimizer, self.train_data.batch_size)
+            print(f"Resuming training from {snapshot_path}: {self.epochs_run} epochs done", flush=True)
+            snapshots.note_global_batch(snapshot, self.train_data.batch_size)  # a line if the global batch changed
 
     def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(self.model(source), targets)
-        loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with backward
+        loss.backward()  # DDP all-reduces (averages) the gradients here, bucket by bucket, while backward runs
         self.optimizer.step()
         return loss.detach()
 
-    def _run_epoch(self, epoch: int) -> tuple[float, bool]:
+    def _run_epoch(self, epoch: int) -> float:
         self.train_data.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        self.train_data.dataset.set_epoch(epoch)  # new random augmentations each epoch, the same in every run
+        self.train_data.dataset.set_augmentation_epoch(epoch)  # images: new random crops and flips each epoch, the same in every run
         loss_sum = torch.zeros((), device=self.device)  # stays on the device: no wait for the GPU per step
         samples = 0
         for source, targets in self.report.timed(self.train_data):  # times each wait for a batch
@@ -96,54 +90,46 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             loss_sum += self._run_batch(source, targets) * len(source)
             samples += len(source)
-        # The epoch's all-reduce also counts the ranks asked to stop: any one, and all stop after this epoch.
-        stop = torch.tensor(float(STOP_REQUESTED.is_set()), device=self.device)
-        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device), stop])
+        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=self.device)])  # one read of the device, at the end
         dist.all_reduce(totals)  # one all-reduce per epoch: the sums over all ranks give the job's mean loss
-        return (totals[0] / totals[1]).item(), bool(totals[2] > 0)
+        return (totals[0] / totals[1]).item()
 
     def _evaluate(self) -> dict[str, float]:
-        # The model inside DDP: DDP's forward syncs each batch, and unequal shards would hang in it.
-        sums = datautils.evaluate(self.model.module, self.val_data, self.device)  # loss, samples (and correct)
+        sums = datautils.evaluate(self.model.module, self.val_data, self.device)  # .module: not DDP's forward, a collective with buffers
         dist.all_reduce(sums)  # the sums of all shards: every held-out sample counted exactly once
         return datautils.metrics(sums)
 
     def _save_snapshot(self, epoch: int) -> None:
         snapshot = {
             "MODEL_STATE": self.model.module.state_dict(),
-            "OPTIMIZER_STATE": self.optimizer.state_dict(),
-            "EPOCHS_RUN": epoch + 1,  # epochs completed: a resume starts at this epoch index
+            "OPTIMIZER_STATE": self.optimizer.state_dict(),  # SGD's momentum: without it a resumed run trains differently
+            "EPOCHS_RUN": epoch + 1,  # epochs completed: a resume starts at this epoch index, and repeats none
             "WORLD_SIZE": dist.get_world_size(),  # with BATCH_SIZE: the global batch these epochs had
             "BATCH_SIZE": self.train_data.batch_size,
         }
-        snapshots.atomic_save(snapshot, self.snapshot_path)
-        print(f"Epoch {epoch + 1} | snapshot saved at {self.snapshot_path}", flush=True)
+        snapshots.atomic_save(snapshot, self.snapshot_path)  # torch.save to a temporary file, then a rename: never half-written
+        print(f"Epoch {epoch + 1} | Training snapshot saved at {self.snapshot_path}", flush=True)
 
     def train(self, max_epochs: int) -> None:
         if self.epochs_run >= max_epochs and self.global_rank == 0:
             print(f"Nothing to train: the snapshot has {self.epochs_run} of {max_epochs} epochs done", flush=True)
         for epoch in range(self.epochs_run, max_epochs):
             self.faults.at_epoch_start(epoch)  # --simulate_failure_at, --simulate_hang
-            loss, stop = self._run_epoch(epoch)
+            loss = self._run_epoch(epoch)
             val = self._evaluate()
-            if self.global_rank == 0:
+            if self.global_rank == 0:  # every rank holds the same weights: rank 0 alone speaks...
                 self.report.epoch(epoch, max_epochs, self.train_data.batch_size, loss, val)
-            # Every rank holds the same weights; every node saves its own copy.
-            if self.writes_snapshot and (stop or (epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):
+            if self.local_rank == 0 and ((epoch + 1) % self.save_every == 0 or epoch + 1 == max_epochs):  # ...and every node saves its copy
                 self._save_snapshot(epoch)
-            if stop:
-                if self.global_rank == 0:
-                    print(f"Stopped after epoch {epoch + 1} on SIGUSR1; a new run resumes from the snapshot", flush=True)
-                return
 
 
-def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int, train: bool = True) -> DataLoader:
+def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, train: bool = True) -> DataLoader:
     # Training: a new shuffled shard per rank each epoch. Evaluation: every world_size-th sample, none padded in.
     sampler = DistributedSampler(dataset) if train else range(dist.get_rank(), len(dataset), dist.get_world_size())
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         shuffle=False,  # the sampler shuffles
         sampler=sampler,
         num_workers=num_workers,
@@ -152,27 +138,14 @@ def prepare_dataloader(dataset: Dataset, batch_size: int, num_workers: int, trai
 
 
 def main(device: str, args: argparse.Namespace) -> None:
-    # SIGUSR1 asks for a stop without losing work: the ranks agree on it at the end of an epoch.
-    signal.signal(signal.SIGUSR1, lambda signum, frame: STOP_REQUESTED.set())
     ddp_setup(device, args.timeout)
-    # torchrun and Slurm stop workers with SIGTERM. As SystemExit it unwinds through `finally`:
-    # the process group is destroyed, and a snapshot being written is finished or discarded whole.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    train_set, val_set, model, optimizer = load_train_objs(args.workload, args.data_dir)
-    if args.sync_bn:  # BatchNorm statistics over the batch of all ranks, not each rank's own part
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_data = prepare_dataloader(train_set, args.batch_size, args.num_workers)
-    val_data = prepare_dataloader(val_set, 4 * args.batch_size, args.num_workers, train=False)  # no gradients kept: larger batches fit
+    train_set, val_set, model, optimizer = load_train_objs(args)
+    train_data = prepare_dataloader(train_set, args.batch_size, args.num_workers, device == "cuda")
+    val_data = prepare_dataloader(val_set, 4 * args.batch_size, args.num_workers, device == "cuda", train=False)  # no gradients: bigger batches fit
     faults = launch.Faults(args.simulate_failure_at, args.simulate_hang)
     trainer = Trainer(model, train_data, val_data, optimizer, device, args.save_every, args.tensorboard_dir, args.snapshot_path, faults)
-    try:
-        trainer.train(args.total_epochs)
-    except RuntimeError as err:  # a collective timed out: one line says where, and which rank never came
-        launch.explain_collective_failure(err, args.timeout)
-    finally:
-        trainer = model = optimizer = None  # release DDP before its process group, or the process may abort at exit
-        gc.collect()
-        destroy_process_group()
+    trainer.train(args.total_epochs)
+    destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -182,6 +155,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
 
     device = cli.resolve_device(args)
-    launch.torchrun_worker(device, USAGE)  # launched by torchrun? its GPUs? dies with torchrun
-    snapshots.check_writable_folder(args.snapshot_path)
+    launch.torchrun_worker(device, USAGE, args.snapshot_path)  # started by torchrun? one line for a stop or a hang; dies with torchrun
     main(device, args)

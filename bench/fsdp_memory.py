@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import torch
@@ -49,13 +48,14 @@ def measure(kind: str, device: str) -> dict[str, float]:
     import datautils
     import fsdp
 
-    settings = types.SimpleNamespace(workload="images", sync_bn=False)
-    shard = (lambda model: fsdp.shard_model(model, device, settings)) if kind == "FSDP" else (lambda model: None)
     local = torch.device(device, int(os.environ["LOCAL_RANK"])) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(local)
-    *_, model, optimizer = datautils.load_train_objs("images", "fake", shard=shard)
+    *_, model, optimizer = datautils.load_train_objs(datautils.Workload("images", "fake"))
+    if kind == "FSDP":  # as fsdp.py does: shard, then make the optimizer for the shards
+        fsdp.shard_model(model, device, "images")
+        optimizer = type(optimizer)(model.parameters(), **optimizer.defaults)
     model = model.to(local)
     if kind == "DDP":
         model = DDP(model, device_ids=[local.index] if device == "cuda" else None, gradient_as_bucket_view=True)

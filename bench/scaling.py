@@ -28,7 +28,7 @@ import torch
 
 from mingpt_throughput import REPO, RESULTS, device_slug, run_mingpt
 
-EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| steps (\d+) \| batch (\d+)(?: x (\d+) ranks)? .*\| ([0-9.]+)s: ", re.M)
+EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| Batchsize: (\d+)(?: x (\d+) ranks?)? \| Steps: (\d+) .*\| ([0-9.]+)s: ", re.M)
 MINGPT_SMALL = [
     "gpt_config.n_layer=4", "gpt_config.n_head=4", "gpt_config.n_embd=256", "gpt_config.dropout=0.0",
     "data_config.block_size=64", "data_config.truncate=0.002", "trainer_config.batch_size=16", "trainer_config.max_epochs=1",
@@ -65,7 +65,7 @@ def step_throughput(workload: str, ranks: int | None) -> float:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                    str(REPO / "multigpu_torchrun.py"), *STEP_ARGS[workload]]  # fmt: skip
         output = run(cmd, folder)
-    rates = [int(steps) * int(batch) * int(ranks or 1) / float(seconds) for _, steps, batch, ranks, seconds in EPOCH_LINE.findall(output)[1:]]
+    rates = [int(steps) * int(batch) * int(ranks or 1) / float(seconds) for _, batch, ranks, steps, seconds in EPOCH_LINE.findall(output)[1:]]
     return statistics.median(rates)
 
 

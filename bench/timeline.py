@@ -79,7 +79,7 @@ def parse_args() -> argparse.Namespace:
 def stepper(bucket_cap_mb: float | None, batch_size: int) -> Callable[[bool], dict[str, float]]:
     """A DDP ResNet-18 and a function that trains it one step, synced or not, and returns
     StepTimer's split of that step (ms)."""
-    train_set, _, model, optimizer = datautils.load_train_objs("images", "fake")  # seeded: the same weights on every rank
+    train_set, _, model, optimizer = datautils.load_train_objs(datautils.Workload("images", "fake"))  # seeded: the same weights on every rank
     source, targets = next(iter(torch.utils.data.DataLoader(train_set, batch_size=batch_size)))  # one batch, reused: no data loading in the picture
     model = DDP(model, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)  # as in steps 3-4
     timer = StepTimer(model, optimizer, "cpu")

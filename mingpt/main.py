@@ -11,7 +11,6 @@ prints a sample of text.
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ from torch.distributed import destroy_process_group, init_process_group  # noqa:
 from support import cli  # noqa: E402
 import datautils  # noqa: E402
 from support import launch  # noqa: E402
-from support import snapshots  # noqa: E402
 from mingpt.char_dataset import CharDataset, DataError, decode, download, is_url, read_text, split_datasets, vocabulary  # noqa: E402
 from mingpt.config import DEFAULT_CONFIG, Configs, ConfigError, load_config, settings_help  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
@@ -81,20 +79,14 @@ def main(configs: Configs) -> None:
         f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {len(chars)}, "
         f"{len(train_set):,} training windows, {dist.get_world_size()} ranks on {device.type}"
     )
-    try:
-        trainer.train()
-        # Every rank samples (with fsdp a forward is collective); rank 0 prints.
-        model.eval()
-        context = test_set.data[: min(16, configs.data.block_size)].unsqueeze(0).to(device)
-        sample = model.generate(context, max_new_tokens=200, temperature=0.8)[0].tolist()
-        if rank == 0:
-            print("Sample:\n" + decode(sample, chars), flush=True)
-    except RuntimeError as err:  # a collective timed out: one line says where, and which rank never came
-        launch.explain_collective_failure(err, timeout)
-    finally:
-        trainer = model = optimizer = None  # release DDP before its process group, or the process may abort at exit
-        gc.collect()
-        destroy_process_group()
+    trainer.train()
+    # Every rank samples (with fsdp a forward is collective); rank 0 prints.
+    model.eval()
+    context = test_set.data[: min(16, configs.data.block_size)].unsqueeze(0).to(device)
+    sample = model.generate(context, max_new_tokens=200, temperature=0.8)[0].tolist()
+    if rank == 0:
+        print("Sample:\n" + decode(sample, chars), flush=True)
+    destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -111,6 +103,5 @@ if __name__ == "__main__":
         configs = load_config(args.config, args.overrides)
     except ConfigError as err:
         cli.fail(str(err))
-    launch.torchrun_worker("cuda" if torch.cuda.is_available() else "cpu", USAGE)
-    snapshots.check_writable_folder(configs.trainer.snapshot_path)
+    launch.torchrun_worker("cuda" if torch.cuda.is_available() else "cpu", USAGE, configs.trainer.snapshot_path)
     main(configs)

@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from support import cli
-from support import snapshots
+from support import cli, launch, snapshots
 from mingpt.char_dataset import CharDataset
 from mingpt.config import OptimizerConfig, TrainerConfig
 from mingpt.model import GPT
@@ -109,7 +109,8 @@ def lr_schedule(config: OptimizerConfig, total_steps: int):
 
 
 class StopRequest:
-    """SIGTERM or SIGUSR1 (Slurm's time-limit warning) asks the job to stop after the current step.
+    """Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (Slurm's time-limit warning) asks the job to stop after the
+    current step, with a snapshot.
 
     Ranks may receive the signal at different steps, so after every step they agree through a
     one-number all-reduce: the largest signal number asked for, 0 for none. It runs on the CPU
@@ -119,8 +120,9 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum = torch.zeros(1)
         self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        signal.signal(signal.SIGTERM, self._request)
-        signal.signal(signal.SIGUSR1, self._request)
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            if signal.getsignal(stop) is not signal.SIG_IGN:  # SIGINT ignored, as in a script's background job: left so
+                signal.signal(stop, self._request)
 
     def _request(self, signum: int, frame: Any) -> None:
         self.signum[0] = max(float(signum), float(self.signum[0]))
@@ -170,8 +172,8 @@ class Trainer:
         self.epochs_run = 0
         self.windows_done = 0  # of the current epoch's order, by all processes
         self.global_step = 0  # optimizer steps since the start of training
-        # ddp: each node's local rank 0 writes a copy (one per shared folder); fsdp: every rank writes its shards.
-        self.writes_snapshot = self.fsdp or snapshots.writes_copy(config.snapshot_path)
+        # ddp: each node's local rank 0 writes the node's copy; fsdp: every rank writes its shards.
+        self.writes_snapshot = self.fsdp or self.local_rank == 0
         self.report = RunReport(config, device, model.flops_per_token(), self.global_batch * train_set.block_size)
         if snapshot is not None:
             self._load_snapshot(snapshot)
@@ -187,14 +189,25 @@ class Trainer:
 
     def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
         path = self.config.snapshot_path
-        if self.fsdp:  # the shards too, read into this rank's (any number of processes may have written them)
-            snapshot = snapshots.read_shards(path, self.raw_model, self.optimizer, required_keys=SMALL_KEYS)
-        snapshots.restore(snapshot, path, self.raw_model, self.optimizer)
+        if self.fsdp:  # the shards too, read into this rank's (any number of processes may have written them), as fsdp.py does
+            folder = os.path.join(path, snapshot["FOLDER"])
+            shards = {
+                "MODEL_STATE": get_model_state_dict(self.raw_model),
+                "OPTIMIZER_STATE": get_optimizer_state_dict(self.raw_model, self.optimizer),
+            }
+            with snapshots.checked_dcp_load(folder, path) as planner:
+                dcp.load(shards, checkpoint_id=folder, planner=planner)
+            with snapshots.mismatch_reported(path):
+                set_state_dict(self.raw_model, self.optimizer, model_state_dict=shards["MODEL_STATE"], optim_state_dict=shards["OPTIMIZER_STATE"])
+        else:
+            with snapshots.mismatch_reported(path):
+                self.raw_model.load_state_dict(snapshot["MODEL_STATE"])
+                self.optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
         self.scaler.load_state_dict(snapshot["SCALER_STATE"])
         self.scheduler.load_state_dict(snapshot["SCHEDULER_STATE"])
         self.epochs_run, self.windows_done, self.global_step = snapshot["EPOCHS_RUN"], snapshot["WINDOWS_DONE"], snapshot["GLOBAL_STEP"]
         rng_states = snapshot["RNG_STATES"]
-        self.report.log(f"Resuming from {path}: {self.epochs_run} epochs + {self.windows_done:,} windows done")
+        self.report.log(f"Resuming training from {path}: {self.progress()} done")
         if self.windows_done % self.global_batch:
             cli.fail(
                 f"{path} stopped {self.windows_done:,} windows into its epoch, which is no whole number of global batches "
@@ -228,11 +241,16 @@ class Trainer:
             "RNG_STATES": rng_states,
             **self.extra_state,
         }
-        if self.fsdp:  # every rank its shards, into a new folder; then rank 0 points to it
-            snapshots.save_shards(snapshot, self.config.snapshot_path, f"step-{self.global_step:08d}")
+        if self.fsdp:  # every rank its shards, into a new folder; then rank 0 points to it (as fsdp.py does)
+            with snapshots.published_when_complete(self.config.snapshot_path, f"step-{self.global_step:08d}", snapshot) as folder:
+                dcp.save({key: snapshot[key] for key in snapshots.SHARDED_KEYS}, checkpoint_id=folder)
         else:
             snapshots.atomic_save(snapshot, self.config.snapshot_path)
-        self.report.log(f"Snapshot saved at {self.config.snapshot_path}: {self.epochs_run} epochs + {self.windows_done:,} windows done")
+        self.report.log(f"Training snapshot saved at {self.config.snapshot_path}: {self.progress()} done")
+
+    def progress(self) -> str:
+        """Epochs and windows done, as the snapshot lines say it."""
+        return f"{snapshots.plural(self.epochs_run, 'epoch')} + {self.windows_done:,} windows"
 
     # ------------------------------------------------------------------ training
 
@@ -309,6 +327,8 @@ class Trainer:
             signum = self.stop.agreed()
             if signum:
                 self._save_snapshot()
+                if signum == signal.SIGINT:  # one line: what the snapshot keeps, and how to go on
+                    launch.stopped_by_ctrl_c(self.config.snapshot_path)
                 self.report.log(f"Stopping on {signal.Signals(signum).name}")
                 # A warning (SIGUSR1) ends the job: exit 0. SIGTERM is a failure, which torchrun may restart.
                 raise SystemExit(0 if signum == signal.SIGUSR1 else 128 + signum)

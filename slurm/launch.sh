@@ -3,8 +3,8 @@
 #   launch_training SCRIPT [ARGS...]
 #
 # runs SCRIPT (a path from the repository root) with ARGS under one torchrun per node of the job,
-# and requeues the job when Slurm warns of its time limit. The caller sets SNAPSHOT_PATH and
-# passes it in ARGS. See slurm/README.md. slurm/preflight.sh uses find_rendezvous alone.
+# and requeues the job when Slurm warns of its time limit (ON_WARNING, below). The caller sets
+# SNAPSHOT_PATH and passes it in ARGS. See slurm/README.md. slurm/preflight.sh uses find_rendezvous alone.
 
 fail() {
     echo "error: $*" >&2
@@ -32,15 +32,23 @@ launch_training() {
     # Restarted workers can hang on torchrun's shared rendezvous store (pytorch/pytorch#135712).
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
-    # Slurm's warning before the time limit (--signal=B:USR1@...) comes to this shell alone. Pass it
-    # on to the training processes (scancel signals the job's steps, not this shell): they stop at the
-    # same point (multinode.py after the epoch, mingpt after the step), save a snapshot and exit 0.
-    # Then requeue the job, to resume from that snapshot.
+    # Slurm's warning before the time limit (--signal=B:USR1@...) comes to this shell alone. Either way
+    # the job goes back to the queue and, when it runs again (same job id), resumes from its snapshot.
+    # ON_WARNING=requeue (multinode.py): requeue at once; Slurm stops the running job (SIGTERM), which
+    #   loses the epochs since its last snapshot, as the time limit would.
+    # ON_WARNING=stop (the capstone): pass the warning on to the training processes (scancel signals the
+    #   job's steps, not this shell); they agree to stop after the same step, save a snapshot there and
+    #   exit 0; then requeue.
     warned=0
     on_warning() {
         warned=1
-        echo "SIGUSR1: the training stops soon, with a snapshot, and the job is requeued"
-        scancel --signal=USR1 "$SLURM_JOB_ID"
+        if [ "${ON_WARNING:-requeue}" = stop ]; then
+            echo "SIGUSR1: the training stops after this step, with a snapshot, and the job is requeued"
+            scancel --signal=USR1 "$SLURM_JOB_ID"
+        else
+            echo "SIGUSR1: the job is requeued now; it resumes from $SNAPSHOT_PATH"
+            scontrol requeue "$SLURM_JOB_ID"
+        fi
     }
     trap on_warning USR1
 
@@ -62,7 +70,7 @@ launch_training() {
         wait "$step" || status=$?
     done
 
-    if [ "$warned" = 1 ]; then
+    if [ "$warned" = 1 ] && [ "${ON_WARNING:-requeue}" = stop ]; then
         echo "Requeueing job $SLURM_JOB_ID: it resumes from $SNAPSHOT_PATH"
         scontrol requeue "$SLURM_JOB_ID"
     fi

@@ -11,7 +11,7 @@
 #SBATCH --time=00:30:00
 #SBATCH --output=slurm-%x-%j.out        # in the job's working directory; %j is the job id
 #SBATCH --open-mode=append              # a requeued job writes on in the same file
-#SBATCH --signal=B:USR1@120             # warn this script 120 s before the time limit (more than an epoch)
+#SBATCH --signal=B:USR1@120             # warn this script 120 s before the time limit: it requeues the job
 #SBATCH --requeue                       # the job may go back to the queue, and then resumes
 ##SBATCH --partition=gpu                # a GPU cluster: remove one '#' from these and edit them
 ##SBATCH --gpus-per-node=4

@@ -105,6 +105,8 @@ class ArgumentParser(argparse.ArgumentParser):
         parsed = super().parse_args(*args, **kwargs)
         for message in filter(None, (check(parsed) for check in self.checks)):
             self.error(message)
+        if os.environ.get("CLI_PARSE_ONLY") == "1":  # tests/test_readme.py: the arguments a page shows, read as they would be
+            raise SystemExit(0)
         return parsed
 
     def error(self, message: str) -> NoReturn:
@@ -145,8 +147,11 @@ def seconds(text: str) -> datetime.timedelta:
     return datetime.timedelta(seconds=value)
 
 
-def add_training_args(parser: argparse.ArgumentParser, distributed: bool = True) -> None:
-    """The arguments every step takes the same way; `distributed`: those of steps 2-4 (no MPS, --timeout)."""
+def add_training_args(parser: argparse.ArgumentParser, launcher: str = "torchrun") -> None:
+    """The arguments every step takes the same way. `launcher`: how the step starts its processes:
+    "python" (step 1: one process, MPS allowed), "mp.spawn" (step 2: and --world_size) or "torchrun"
+    (steps 3 on); every step with several processes takes --timeout and --sync_bn, and has no MPS."""
+    distributed = launcher != "python"
     parser.add_argument("total_epochs", nargs="?", default=50, type=positive_int, help="how many epochs to train (default: 50)")
     parser.add_argument("save_every", nargs="?", default=10, type=positive_int, help="save every this many epochs, and after the last (default: 10)")
     per = "on each process" if distributed else "on the device"
@@ -185,6 +190,8 @@ def add_training_args(parser: argparse.ArgumentParser, distributed: bool = True)
         + " (default: auto)",
     )
     parser.set_defaults(distributed=distributed)
+    if launcher == "mp.spawn":
+        parser.add_argument("--world_size", type=positive_int, help="how many processes; default: every visible GPU, or 2 on CPU")
     if distributed:
         parser.add_argument(
             "--sync_bn",

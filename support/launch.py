@@ -1,10 +1,12 @@
-"""Starting the training processes, and the guards around it that are no part of the lesson.
+"""The guards around the training processes, which are no part of the lesson: one call per step.
 
-Step 2 starts its processes with `mp.spawn`; torchrun starts those of steps 3, 4 and 6, the
-capstone, the pre-flight check and the hang lab. Either way: a process that cannot work says so in
-one line, a killed process is named, no worker outlives the process that started it, a collective
-that hangs ends with one line saying where every rank was, and a destroyed process group is freed,
-so that a run that went well cannot abort as it exits.
+Step 1 runs one process (`single_process`); step 2 starts its processes with `mp.spawn`
+(`spawn_guarded`, `spawned_worker`); torchrun starts those of steps 3, 4 and 6, the capstone, the
+pre-flight check and the hang lab (`torchrun_worker`). Either way: a process that cannot work says
+so in one line before it trains; a killed process is named; no worker outlives the process that
+started it; SIGTERM unwinds a worker cleanly; Ctrl-C ends the job with one line saying what is
+kept; a collective that hangs ends with one line saying where every rank was; and a destroyed
+process group is freed, so that a run that went well cannot abort as it exits.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import datetime
 import gc
 import importlib
 import operator
@@ -26,7 +27,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ import torch.multiprocessing as mp
 # active exception", SIGABRT, after a run that went well.
 import torch.distributed.nn  # noqa: F401
 
-from support import cli
+from support import cli, snapshots
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
@@ -49,6 +50,8 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root
 SIGTERM_GRACE_S = 20  # for a worker to stop cleanly on SIGTERM (a step, a snapshot), below torchrun's 30
 ROLL_CALL_S = 3  # after a timeout, how long the ranks that timed out take to find each other
 LOST_PEER = re.compile(r"Connection (closed|reset) by peer")  # gloo, when the other end of a collective is gone
+WAITED = re.compile(r"[Tt]imed out waiting (\d+)ms")  # gloo's timeout, in its error
+INTERRUPTED = threading.Event()  # Ctrl-C (SIGINT) came: whatever error follows, the line says so
 
 
 def free_port() -> str:
@@ -66,15 +69,65 @@ def world_size(asked: int | None, device: str) -> int:
     return asked or gpus or 2
 
 
+def single_process(keeps: str) -> None:
+    """Step 1's guards: a folder that cannot hold `keeps` fails now; Ctrl-C ends in one line."""
+    snapshots.check_writable_folder(keeps)
+    end_in_one_line(keeps)
+
+
 @contextlib.contextmanager
-def spawn_failures_reported() -> Iterator[None]:
-    """Around mp.spawn: a process that failed has reported why; one that was killed is named here."""
+def spawn_guarded(keeps: str) -> Iterator[None]:
+    """Around mp.spawn: a folder that cannot hold `keeps` fails first; a process that failed has
+    reported why; one that was killed is named here; Ctrl-C ends in one line saying what is kept."""
+    snapshots.check_writable_folder(keeps)
     try:
         yield
     except mp.ProcessExitedException as err:
         if err.exit_code > 0:  # an error the processes have already reported
             raise SystemExit(err.exit_code) from None
+        if err.exit_code == -signal.SIGINT:  # Ctrl-C reached the processes first
+            stopped_by_ctrl_c(keeps)
         cli.fail(f"process {err.error_index} was killed by signal {-err.exit_code}")
+    except KeyboardInterrupt:  # the processes stop with it (mp.spawn's workers exit quietly on Ctrl-C)
+        stopped_by_ctrl_c(keeps)
+
+
+def stopped_by_ctrl_c(keeps: str | None) -> NoReturn:
+    """The one line a job stopped by Ctrl-C prints (rank 0): what `keeps` holds, and how to go on. Exit 130, as the shell's."""
+    if cli.is_rank_zero():
+        print(f"Stopped by Ctrl-C{f': {snapshots.kept(keeps)}' if keeps else ''}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signal.SIGINT)
+
+
+def end_in_one_line(keeps: str | None) -> None:
+    """An exception that would end this process with a traceback ends it with one line where we know
+    what it means: Ctrl-C says what `keeps` holds; a collective that timed out, or that the ranks
+    called differently, says where every rank was. Any other error keeps its traceback.
+
+    It runs as sys.excepthook: after the exception has left `main`, before the interpreter shuts
+    down, so the process group is still up for the roll call (the exit hook then destroys it).
+    """
+    default = sys.excepthook
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    def hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        for stop in (signal.SIGINT, signal.SIGTERM):  # torchrun repeats Ctrl-C, or follows it with SIGTERM: finish the line first
+            signal.signal(stop, lambda signum, frame: None)  # not SIG_IGN: the SIGTERM watchdog still sees it
+        try:  # to the real stderr: init_process_group's own hook, around this one, would prefix our line with [rankN]:
+            with contextlib.redirect_stderr(sys.__stderr__):
+                if INTERRUPTED.is_set():
+                    stopped_by_ctrl_c(keeps)
+                explain_collective_failure(error)
+        except SystemExit:
+            return
+        default(kind, error, tb)
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored, as in a script's background job: left so
+        signal.signal(signal.SIGINT, on_sigint)
+    sys.excepthook = hook
 
 
 def spawned_worker(world_size: int) -> None:
@@ -162,15 +215,22 @@ def exit_with_parent() -> None:
         os._exit(1)
 
 
-def torchrun_worker(device: str, usage: str) -> None:
-    """Checks for a process torchrun started: it was (else `usage`, the command to use, is shown),
-    its node has a GPU for every process, and a restart will not hang."""
+def torchrun_worker(device: str, usage: str, keeps: str | None = None) -> None:
+    """The guards of a process torchrun started. Checks: it was (else `usage`, the command to use, is
+    shown), its node has a GPU for every process, a folder that cannot hold `keeps` fails now, and a
+    restart will not hang. Then: it dies with torchrun, SIGTERM (torchrun's and Slurm's way to stop
+    workers) unwinds it as SystemExit, so that a snapshot being written is finished or discarded
+    whole, and Ctrl-C or a hung collective ends the job in one line."""
     if "LOCAL_RANK" not in os.environ:
         cli.fail(f"this is launched by torchrun, not python: {usage}")
     guard_worker()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    end_in_one_line(keeps)
     per_node, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
     if device == "cuda" and per_node > gpus:
         cli.fail(f"--nproc_per_node={per_node} needs {per_node} GPUs on this node, {gpus} are visible; lower it, or use gpu", scope="node")
+    if keeps is not None:
+        snapshots.check_writable_folder(keeps)
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if restarts > 0 and first_attempt and os.environ.get(STORE_VARIABLE) != "1" and cli.is_rank_zero():
@@ -209,22 +269,23 @@ class Faults:
             time.sleep(1)
 
 
-def explain_collective_failure(err: RuntimeError, timeout: datetime.timedelta | None) -> NoReturn:
+def explain_collective_failure(err: BaseException) -> None:
     """A collective that timed out, or that torch found mismatched, ends the job with one line:
-    where each rank was, and which ranks never came.
+    where each rank was, and which ranks never came. Any other error: nothing, it is not ours to explain.
 
     Every rank that failed so posts where it was in the job's store and waits a moment for the
     others; the lowest of them reports. The ranks that posted nothing are stuck elsewhere. A
     timeout reaches each rank after --timeout; a mismatch (found by TORCH_DISTRIBUTED_DEBUG=DETAIL)
-    at once. (With NCCL, torch's watchdog reports a timeout itself and ends the process.) Any
-    other error is raised again, unchanged.
+    at once. (With NCCL, torch's watchdog reports a timeout itself and ends the process.)
     """
+    if not isinstance(err, RuntimeError) or not dist.is_initialized():
+        return
     text = " ".join(str(err).split())
     mismatch = "Detected mismatch between collectives" in text
-    if dist.is_initialized() and LOST_PEER.search(text):
+    if LOST_PEER.search(text):
         lost_a_peer(err, text)
-    if not dist.is_initialized() or not (mismatch or "timed out" in text.lower()):
-        raise err
+    if not (mismatch or "timed out" in text.lower()):
+        return
     rank, world_size = dist.get_rank(), dist.get_world_size()
     place = where_in_our_code(err)
     call = re.search(rf"Rank {rank} is running collective: CollectiveFingerPrint\(SequenceNumber=(\d+), OpType=(\w+), TensorShape=\[([^\]]*)\]", text)
@@ -236,7 +297,7 @@ def explain_collective_failure(err: RuntimeError, timeout: datetime.timedelta | 
     posted = [r for r in range(world_size) if store.check([f"failed_at/{r}"])]
     stuck = [r for r in range(world_size) if r not in posted]
     places = "; ".join(f"rank {r} in {store.get(f'failed_at/{r}').decode()}" for r in posted)
-    waited = f"{timeout.total_seconds():g} s (--timeout)" if timeout else "the default timeout"
+    waited = f"{int(WAITED.search(text)[1]) / 1000:g} s" if WAITED.search(text) else "the process group's timeout"
     if stuck:
         who = f"rank{'s' * (len(stuck) > 1)} {', '.join(map(str, stuck))}"
         what = "called a different collective" if mismatch else f"waited {waited}"

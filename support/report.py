@@ -164,10 +164,10 @@ class Report:
         """Print the epoch's line, and advice the first time data or communication dominates."""
         split = self.timer.split()
         ranks = dist.get_world_size() if dist.is_initialized() else 1
-        batch = f"batch {batch_size}" + (f" x {ranks} ranks" if dist.is_initialized() else "")
+        batch = f"Batchsize: {batch_size}" + (f" x {snapshots.plural(ranks, 'rank')}" if dist.is_initialized() else "")
         values = " | ".join(f"{name} {value:.1%}" if "accuracy" in name else f"{name} {value:.6f}" for name, value in val.items())
         print(
-            f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | steps {split['steps']} | {batch} | loss {loss:.6f} | {values} | "
+            f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | {batch} | Steps: {split['steps']} | loss {loss:.6f} | {values} | "
             f"{split['total']:.3f}s: {describe(split)}",
             flush=True,
         )

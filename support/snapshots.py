@@ -12,6 +12,7 @@ pointer file, replaced atomically once every rank has finished, names the newest
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import glob
@@ -23,7 +24,9 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -35,6 +38,7 @@ from support import cli
 # where they are used: they take a second or more to import, which the steps that do not use them need not wait for.
 
 SNAPSHOT_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE", "EPOCHS_RUN")
+PAUSE_AT = "SNAPSHOT_PAUSE_AT"  # for tests: "POINT@RANK" stops that rank at that point of a save, to be killed there
 POINTER = "latest.pt"  # in a folder of sharded snapshots: names the newest complete one
 SHARDED_NAME = re.compile(r"(epoch|step)-\d+")  # the sharded snapshots in that folder: epoch-0030, step-00000123, ...
 SHARDED_KEYS = ("MODEL_STATE", "OPTIMIZER_STATE")  # what a sharded snapshot shards; the rest is in its pointer
@@ -75,20 +79,24 @@ def atomic_save(obj: Any, path: str) -> None:
     """torch.save `obj` to `path` so that a crash at any moment leaves the old file or the new one.
 
     Write a temporary file in the same folder (same file system, so the rename is atomic),
-    flush it to disk, then rename it over the old file and sync the folder entry. One process
-    writes each path, so temporary files of this path are leftovers of a writer that was killed
-    mid-save, and are removed first.
+    flush it to disk, then rename it over the old file and sync the folder entry. Nodes that
+    share the folder may write the same path at once (step 4: every node's local rank 0 saves
+    its copy): each writes its own temporary file, named after its host and process, and every
+    rename leaves a whole file. A temporary file of this host whose process is gone is the
+    leftover of a writer killed mid-save, and is removed first.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    prefix = os.path.basename(path) + "."
+    prefix = f"{os.path.basename(path)}.{socket.gethostname()}."
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
-        os.remove(stale)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+        if not process_alive(int(stale[len(os.path.join(folder, prefix)) :].split(".")[0])):
+            os.remove(stale)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp_file:
             torch.save(obj, tmp_file)
             tmp_file.flush()
             os.fsync(tmp_file.fileno())
+        pause_point("temp-written")
         os.replace(tmp_path, path)
     except BaseException:  # also on SIGTERM (SystemExit): never leave a half-written temp file
         if os.path.exists(tmp_path):
@@ -99,6 +107,26 @@ def atomic_save(obj: Any, path: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def pause_point(point: str) -> None:
+    """Where tests kill a save at an exact moment, whatever the machine's speed: with $SNAPSHOT_PAUSE_AT
+    set to "POINT@RANK", that rank says it has reached the point and waits there to be killed."""
+    if os.environ.get(PAUSE_AT) == f"{point}@{cli.rank_in('job')}":
+        print(f"paused at {point}", flush=True)
+        while True:
+            time.sleep(1)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def read(path: str, map_location: str | torch.device, required_keys: tuple[str, ...] = SNAPSHOT_KEYS) -> dict[str, Any]:
@@ -130,35 +158,43 @@ def read_or_raise(path: str, map_location: str | torch.device, required_keys: tu
     return snapshot
 
 
+def kept(path: str) -> str:
+    """What the file (or sharded snapshot folder) at `path` keeps now, in words, for the line of a stopped job."""
+    file = os.path.join(path, POINTER) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        return f"nothing is saved yet ({path}); the same command starts afresh"
+    try:  # mmap: only the few values read come off the disk, not the whole model
+        saved = torch.load(file, map_location="cpu", weights_only=True, mmap=not os.path.isdir(path))
+    except Exception:
+        return f"{path} cannot be read"
+    if not isinstance(saved, dict) or "EPOCHS_RUN" not in saved:  # steps 1 and 2: the weights alone
+        return f"{path} keeps the weights saved last (its line is above); this step does not resume, step 3 does"
+    done = plural(saved["EPOCHS_RUN"], "epoch") + (f" + {saved['WINDOWS_DONE']:,} windows" if saved.get("WINDOWS_DONE") else "")
+    return f"{path} keeps {done}; the same command resumes from there"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'s' * (count != 1)}"
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether `model` was sharded by FSDP (fully_shard), without importing FSDP where no script did."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def restore(snapshot: dict[str, Any], path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int = 0) -> int:
-    """Copy a snapshot's states into `model` and `optimizer`; return the number of epochs it had run.
-
-    With `batch_size` (per process), a resume on another number of processes says how the
-    global batch changed, and which --batch_size would keep it.
-    """
+@contextlib.contextmanager
+def mismatch_reported(path: str) -> Iterator[None]:
+    """Around load_state_dict: a snapshot of another model or optimizer ends the job in one line."""
     try:
-        if is_sharded(model):  # sharded states, by parameter name (read_shards)
-            from torch.distributed.checkpoint.state_dict import set_state_dict
-
-            set_state_dict(model, optimizer, model_state_dict=snapshot["MODEL_STATE"], optim_state_dict=snapshot["OPTIMIZER_STATE"])
-        else:
-            model.load_state_dict(snapshot["MODEL_STATE"])
-            optimizer.load_state_dict(snapshot["OPTIMIZER_STATE"])
+        yield
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         cli.fail(f"{path} was saved from a different model or optimizer ({cli.brief(err)}); {start_afresh(path)}")
-    if batch_size and "WORLD_SIZE" in snapshot and cli.is_rank_zero():
-        note_global_batch(snapshot["WORLD_SIZE"], snapshot["BATCH_SIZE"], dist.get_world_size(), batch_size)
-    return int(snapshot["EPOCHS_RUN"])
 
 
-def note_global_batch(old_world: int, old_batch: int, world: int, batch: int) -> None:
-    """One line when a resume changes the global batch (processes x per-process batch)."""
+def note_global_batch(snapshot: dict[str, Any], batch: int) -> None:
+    """One line when a resume changes the global batch (processes x per-process batch) that `snapshot` trained with."""
+    old_world, old_batch, world = snapshot["WORLD_SIZE"], snapshot["BATCH_SIZE"], dist.get_world_size()
     if old_world * old_batch == world * batch:
         return
     keep, remainder = divmod(old_world * old_batch, world)
@@ -168,20 +204,6 @@ def note_global_batch(old_world: int, old_batch: int, world: int, batch: int) ->
         f"to {world * batch} ({world} x {batch}); {how}",
         flush=True,
     )
-
-
-def writes_copy(path: str) -> bool:
-    """Collective: whether this rank writes a copy of the snapshot at `path`.
-
-    Every node keeps its own copy, written by its local rank 0, so that no node's loss loses the
-    training. Where nodes share the folder (a cluster's shared storage), one copy is enough: only
-    the lowest-ranked of the nodes that see the same folder writes. Each node finds out by leaving
-    a marker file there and looking for the others' markers.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    mine = cli.rank_in("node") == 0
-    sharing = ranks_seen(folder, f".{name}.", leave_marker=mine)
-    return mine and min(sharing) == dist.get_rank()
 
 
 def ranks_seen(folder: str, prefix: str, leave_marker: bool) -> list[int]:
@@ -201,13 +223,17 @@ def ranks_seen(folder: str, prefix: str, leave_marker: bool) -> list[int]:
     return seen
 
 
-def newest_copy(path: str, progress: Callable[[dict[str, Any]], Any], required_keys: tuple[str, ...] = SNAPSHOT_KEYS) -> dict[str, Any] | None:
+def newest_copy(
+    path: str, progress: Callable[[dict[str, Any]], Any] = lambda copy: copy["EPOCHS_RUN"], required_keys: tuple[str, ...] = SNAPSHOT_KEYS
+) -> dict[str, Any] | None:
     """Collective: the newest of the snapshot copies the nodes hold at `path`, on every rank; None if none has one.
 
     Nodes share no files: the local rank 0 of each node writes its own copy. At start its copy
     may be missing (a node replaced) or older (a node that was down), so each node's local rank 0
-    reads its own, all ranks compare `progress(snapshot)`, and the rank holding the newest sends
-    it to all. A copy that cannot be read ends the job, naming the node.
+    reads its own (all_gather_object tells every rank how far each copy got, by `progress`), and
+    the rank holding the newest sends it to all (broadcast_object_list). A copy that cannot be
+    read ends the job, naming the node. On the CPU: a tensor sent as an object arrives on the
+    device it was sent from; load_state_dict copies it where the model is.
     """
     snapshot, mine = None, None  # mine: (progress, error) of this node's copy
     if cli.rank_in("node") == 0 and os.path.exists(path):
@@ -254,29 +280,34 @@ def check_shared_folder(path: str) -> None:
         )
 
 
-def save_shards(snapshot: dict[str, Any], path: str, name: str) -> None:
-    """Collective: save a sharded snapshot in folder `path`, so that a kill at any moment leaves a usable one.
+@contextlib.contextmanager
+def published_when_complete(path: str, name: str, snapshot: dict[str, Any]) -> Iterator[str]:
+    """Collective, around dcp.save: the new folder `name` in `path` to save the shards into; once every
+    rank has, the pointer file names it, so that a kill at any moment leaves a usable snapshot.
 
-    Every rank writes its shards of MODEL_STATE and OPTIMIZER_STATE (dcp.save) into a new folder,
-    `name` (epoch-0030, step-00000123); once all have finished, rank 0 replaces the pointer file
-    (atomic_save), which names that folder and holds the rest of the snapshot (epochs, settings: small,
-    the same on every rank), then removes the older folders. Until then the pointer names the
-    previous snapshot, which is left whole.
+    Before: rank 0 empties the folder (left by a save that was killed). After every rank's shards
+    are written: rank 0 replaces the pointer (atomic_save), which names the folder and holds the
+    snapshot's small values (epochs, settings; the same on every rank), then removes the older
+    folders. Until then the pointer names the previous snapshot, which is left whole. A SIGTERM
+    that DCP caught mid-save (as a CheckpointException) ends the process as SIGTERM does elsewhere.
     """
     import torch.distributed.checkpoint as dcp
 
     assert SHARDED_NAME.fullmatch(name), name
-    if dist.get_rank() == 0 and os.path.exists(os.path.join(path, name)):  # left by a save that was killed
-        shutil.rmtree(os.path.join(path, name))
+    folder = os.path.join(path, name)
+    if dist.get_rank() == 0 and os.path.exists(folder):
+        shutil.rmtree(folder)
     dist.barrier()  # removed before anyone writes there
     try:
-        dcp.save({key: snapshot[key] for key in SHARDED_KEYS if key in snapshot}, checkpoint_id=os.path.join(path, name))
+        yield folder
     except dcp.CheckpointException as err:
         raise_exit(err)
         raise
+    pause_point("shards-written")
     dist.barrier()  # every rank's shards are written (and rank 0's .metadata, which lists them)
     if dist.get_rank() == 0:
         atomic_save({"FOLDER": name, **{key: value for key, value in snapshot.items() if key not in SHARDED_KEYS}}, os.path.join(path, POINTER))
+        pause_point("pointer-replaced")
         for old in os.listdir(path):
             if SHARDED_NAME.fullmatch(old) and old != name:
                 shutil.rmtree(os.path.join(path, old))
@@ -302,35 +333,23 @@ def read_pointer(path: str, required_keys: tuple[str, ...] = ("EPOCHS_RUN",)) ->
     return found
 
 
-def read_shards(
-    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, required_keys: tuple[str, ...] = ("EPOCHS_RUN",)
-) -> dict[str, Any] | None:
-    """Collective: the newest sharded snapshot in folder `path`, its shards read into this rank's; None if it has none.
-
-    Every rank reads the pieces of the shards it holds now (dcp.load), whichever ranks wrote them,
-    so the number of processes may differ from the run that saved. Anything that is not such a
-    snapshot of this model ends the job with one line, and is left untouched.
-    """
+@contextlib.contextmanager
+def checked_dcp_load(folder: str, path: str) -> Iterator[Any]:
+    """Collective, around dcp.load from `folder`: its .metadata checked first, and a planner that unpickles
+    tensors and plain values only; anything that is not such a snapshot of this model ends the job in one
+    line, and is left untouched."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    pointer = read_pointer(path, required_keys)
-    if pointer is None:
-        return None
-    folder = os.path.join(path, pointer["FOLDER"])
     check_metadata(folder, path)
-    # Asked only now: for a fresh optimizer, get_optimizer_state_dict makes the state by a step with zero gradients.
-    shards = {"MODEL_STATE": get_model_state_dict(model), "OPTIMIZER_STATE": get_optimizer_state_dict(model, optimizer)}
     planner = weights_only_load_planner()
     try:
-        dcp.load(shards, checkpoint_id=folder, planner=planner)
+        yield planner
     except dcp.CheckpointException as err:  # missing or damaged files, or another model's snapshot: raised on every rank
         raise_exit(err)
         if planner.refused:
             cli.fail(f"{folder} holds {planner.refused}, a pickle that could run code when loaded, so it was not loaded; {start_afresh(path)}")
         failure = next(iter(err.failures.values()))[0]
         cli.fail(f"{folder} is not a readable snapshot of this model ({cli.brief(failure)}); {start_afresh(path)}")
-    return {**pointer, **shards}
 
 
 def raise_exit(err: Any) -> None:

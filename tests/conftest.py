@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-EPOCH_LINE = re.compile(r"Epoch (\d+)/(\d+) \| steps (\d+) \| batch (\d+).*\| loss ([0-9.]+)")
+EPOCH_LINE = re.compile(r"Epoch (\d+)/(\d+) \| Batchsize: (\d+)(?: x \d+ ranks?)? \| Steps: (\d+) \| loss ([0-9.]+)")
 
 
 def script_env() -> dict[str, str]:
@@ -104,6 +104,11 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
+def default_sigint() -> None:
+    """In a child before it runs its command: SIGINT at its default, as in a terminal, whatever the test runner set."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Job:
     """A command running in the background, its output going to a log file."""
 
@@ -112,7 +117,7 @@ class Job:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=cwd, env={**script_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=default_sigint,
             )  # fmt: skip
 
     def output(self) -> str:
@@ -190,7 +195,7 @@ RESUME_ARGS = ("60", "10")
 
 def resumed_epochs(output: str, snapshot: str = "snapshot.pt") -> int:
     """Epochs done in the snapshot a RESUME_ARGS run resumed from; checks nothing was repeated or skipped after it."""
-    marker = f"Resuming from {snapshot}: "
+    marker = f"Resuming training from {snapshot}: "
     assert marker in output, output[-3000:]
     done = int(output.split(marker)[-1].split()[0])
     assert done % 10 == 0 and done >= 20, f"resumed from epoch {done}, not a snapshot saved every 10 epochs"

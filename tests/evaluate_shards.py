@@ -17,7 +17,7 @@ import datautils  # noqa: E402
 import multinode  # noqa: E402
 
 dist.init_process_group("gloo")
-_, val_set, model, _ = datautils.load_train_objs("toy")  # seeded: the same weights on every rank
+_, val_set, model, _ = datautils.load_train_objs()  # seeded: the same weights on every rank
 inner = types.SimpleNamespace(module=model)
 exact = types.SimpleNamespace(model=inner, device="cpu", val_data=multinode.prepare_dataloader(val_set, 128, 0, train=False))
 padding_sampler = DistributedSampler(val_set, shuffle=False)

@@ -43,7 +43,7 @@ def test_step4_resumed_on_another_process_count_trains_the_weights_of_one(tmp_pa
     assert first.returncode == 0, first.stderr[-3000:]
     second = run(torchrun_cmd("multinode.py", *RESUME_ARGS, "--batch_size", "16", nproc=4), tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"Resuming from snapshot.pt: {half[0]} epochs done" in second.stdout
+    assert f"Resuming training from snapshot.pt: {half[0]} epochs done" in second.stdout
     assert "global batch changed" not in second.stdout  # 1 x 64 and 4 x 16 are the same global batch
     assert [n for n, _ in epochs(second.stdout)] == list(range(int(half[0]) + 1, int(RESUME_ARGS[0]) + 1))
     assert_close_training(tmp_path / "snapshot.pt", reference_snapshot)
@@ -56,7 +56,7 @@ def test_step4_resumed_on_another_process_count_trains_the_weights_of_one(tmp_pa
 def evaluations(tmp_path_factory) -> dict[int, dict]:
     """The same weights evaluated by 1, 2 and 3 processes (3 does not divide the 1000 held-out samples);
     the one process is this one, without a process group."""
-    _, val_set, model, _ = datautils.load_train_objs("toy")
+    _, val_set, model, _ = datautils.load_train_objs()
     whole = datautils.metrics(datautils.evaluate(model, DataLoader(val_set, 128, collate_fn=datautils.collate), "cpu"))
     found = {1: {"exact": whole, "padded": whole}}
     for nproc in (2, 3):
@@ -139,7 +139,7 @@ def test_mingpt_resumed_mid_epoch_on_2_then_1_then_3_processes_trains_each_windo
     assert "Note: saved by 2 processes, resumed by 1" in second
     last = run(gpt_cmd(equal_corpus, 3), tmp_path, env=env)
     assert last.returncode == 0, last.stderr[-3000:]
-    assert re.search(r"Resuming from gpt_snapshot.pt: 1 epochs \+ [1-9][\d,]* windows done", last.stdout), last.stdout
+    assert re.search(r"Resuming training from gpt_snapshot.pt: 1 epoch \+ [1-9][\d,]* windows done", last.stdout), last.stdout
     # Each epoch trained each of its 1920 windows exactly once, across the three runs and all their ranks.
     trained: dict[int, Counter] = {}
     for rank_file in record.iterdir():

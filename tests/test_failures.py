@@ -27,14 +27,14 @@ def test_a_hung_rank_is_named_in_seconds_and_the_restart_resumes_bit_identical(t
     job = jobs(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS, "--timeout", str(timeout), "--simulate_hang", "35", max_restarts=3), tmp_path)
     job.wait_for("Rank 1: simulated hang at the start of epoch 35")
     hung = time.monotonic()
-    job.wait_for("Resuming from snapshot.pt", timeout=timeout + 60)
+    job.wait_for("Resuming training from snapshot.pt", timeout=timeout + 60)
     assert time.monotonic() - hung < timeout + 60, "the hang took longer than the timeout plus a minute to end and restart"
     assert job.wait() == 0, job.output()[-3000:]
     output = job.output()
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, output[-3000:]
     assert errors[0].startswith("error: rank 0 in `loss.backward()` (_run_batch, multigpu_torchrun.py:")
-    assert f"waited {timeout} s (--timeout): rank 1 never joined" in errors[0]
+    assert f"waited {timeout} s: rank 1 never joined" in errors[0]
     assert resumed_epochs(output) == 30
     assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
 
@@ -60,7 +60,7 @@ def test_a_node_lost_with_its_disk_loses_nothing(tmp_path, jobs, reference_snaps
     shutil.move(folders[0] / "snapshot.pt", older)
     alone = run(torchrun_cmd("multinode.py", "40", RESUME_ARGS[1]), folders[1])
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert "Resuming from snapshot.pt: 20 epochs done" in alone.stdout
+    assert "Resuming training from snapshot.pt: 20 epochs done" in alone.stdout
     # Node 0 comes back with its old disk: the copies are 20 and 40 epochs old, and the newer wins.
     shutil.move(older, folders[0] / "snapshot.pt")
     outputs = run_nodes(jobs, folders, RESUME_ARGS[0])

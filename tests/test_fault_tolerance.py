@@ -1,25 +1,24 @@
 """Real kills of real workers: every interrupted run must end bit-identical to an uninterrupted one."""
 
 import os
-import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-
-from support import snapshots
 from conftest import (
     RESUME_ARGS,
     assert_bit_identical,
     epochs,
     no_traceback_from,
+    python_cmd,
     resumed_epochs,
     run,
     session_members,
     torchrun_cmd,
 )
+from support import snapshots
 
 
 def tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -41,7 +40,7 @@ def test_sigkilled_worker_is_restarted_and_ends_bit_identical(tmp_path, jobs, re
     assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
     # TensorBoard: one curve through the kill, every epoch once; the epochs written after the last
     # snapshot and before the kill were replaced by those of the restart, which printed the same losses.
-    printed = epochs(output.split("Resuming from")[-1])
+    printed = epochs(output.split("Resuming training from")[-1])
     for tag in ("loss/train", "val/loss", "throughput/samples_per_s", "step_time/comm"):
         steps = [step for step, _ in tensorboard_scalars(tmp_path / "tb", tag)]
         assert steps == list(range(1, 61)), f"{tag}: {steps}"
@@ -80,19 +79,22 @@ def test_sigterm_to_torchrun_stops_the_whole_job_promptly(tmp_path, jobs):
     assert snapshots.read(str(tmp_path / "snapshot.pt"), "cpu")["EPOCHS_RUN"] >= 10
 
 
-def test_sigusr1_to_one_worker_stops_all_ranks_after_one_epoch_with_a_snapshot(tmp_path, jobs, reference_snapshot):
-    args = (RESUME_ARGS[0], "1000")  # no periodic snapshot before the last epoch: only SIGUSR1 saves one
-    job = jobs(torchrun_cmd("multinode.py", *args), tmp_path)
-    job.wait_for(r"Epoch 5/60")
-    os.kill(job.worker(local_rank=1), signal.SIGUSR1)  # one rank only: the all-reduce tells the other
-    assert job.wait(timeout=60) == 0, job.output()[-3000:]
+@pytest.mark.parametrize(
+    "cmd", [python_cmd("multigpu.py", "100000", "10"), torchrun_cmd("multigpu_torchrun.py", "100000", "10")], ids=["step2", "step3"]
+)
+def test_ctrl_c_ends_the_job_with_one_line_saying_what_is_kept_and_leaves_no_process(tmp_path, jobs, cmd):
+    script = Path(cmd[-3]).name
+    job = jobs(cmd, tmp_path)
+    job.wait_for(r"Epoch 12/100000")  # after the first save
+    os.killpg(job.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to every process of the job
+    assert job.wait(timeout=60) != 0
+    time.sleep(1)  # for the kernel to reap the last worker
+    assert session_members(job.proc.pid) == [], "a process outlived the job"
     output = job.output()
-    stopped = int(re.search(r"Stopped after epoch (\d+) on SIGUSR1", output).group(1))
-    assert [n for n, _ in epochs(output)] == list(range(1, stopped + 1))
-    assert f"Epoch {stopped} | snapshot saved" in output
-    assert snapshots.read(str(tmp_path / "snapshot.pt"), "cpu")["EPOCHS_RUN"] == stopped < 60
-    again = run(torchrun_cmd("multinode.py", *args), tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"Resuming from snapshot.pt: {stopped} epochs done" in again.stdout
-    assert [n for n, _ in epochs(again.stdout)] == list(range(stopped + 1, 61))
-    assert_bit_identical(tmp_path / "snapshot.pt", reference_snapshot)
+    assert output.count("Stopped by Ctrl-C") == 1, output[-3000:]
+    if script == "multigpu.py":  # steps 1 and 2 keep the weights only
+        assert "Stopped by Ctrl-C: checkpoint.pt keeps the weights saved last (its line is above); this step does not resume, step 3 does\n" in output
+    else:  # what the line says the snapshot keeps is what it keeps
+        kept = snapshots.read(str(tmp_path / "snapshot.pt"), "cpu")["EPOCHS_RUN"]
+        assert f"Stopped by Ctrl-C: snapshot.pt keeps {kept} epochs; the same command resumes from there\n" in output
+    assert no_traceback_from(script, output), output[-3000:]

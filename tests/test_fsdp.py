@@ -8,11 +8,9 @@ every rank's shards, bit for bit.
 import hashlib
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -53,7 +51,7 @@ def assert_bit_identical(folder: Path, reference: dict, scratch: Path) -> None:
 
 def resumed_from(output: str) -> int:
     """Epochs done in the snapshot the run resumed from; checks no epoch after it was repeated or skipped."""
-    marker = f"Resuming from {SNAPSHOT}: "
+    marker = f"Resuming training from {SNAPSHOT}: "
     assert marker in output, output[-3000:]
     done = int(output.split(marker)[-1].split()[0])
     assert done % 5 == 0 and done > 0, done
@@ -75,8 +73,8 @@ def test_fsdp_learns_and_saves_one_shard_per_rank(fsdp_reference, tmp_path):
     losses = epochs(output)
     assert [n for n, _ in losses] == list(range(1, 21))
     assert losses[-1][1] < 0.01 * losses[0][1], losses  # as multinode.py's: from about 19 to 1e-4
-    assert "steps 32 | batch 32 x 2 ranks" in output and "compute+comm" in output  # FSDP's communication is not timed apart
-    assert [f"Epoch {n} | snapshot saved" in output for n in (5, 10, 15, 20)] == [True] * 4
+    assert "Batchsize: 32 x 2 ranks | Steps: 32" in output and "compute+comm" in output  # FSDP's communication is not timed apart
+    assert [f"Epoch {n} | Training snapshot saved" in output for n in (5, 10, 15, 20)] == [True] * 4
     assert state["EPOCHS_RUN"] == 20 and state["WORLD_SIZE"] == 2 and state["BATCH_SIZE"] == 32
     assert state["OPTIMIZER_STATE"]["state"]["weight"]["momentum_buffer"].shape == (1, 20)
 
@@ -85,7 +83,7 @@ def test_killed_workers_are_restarted_and_end_bit_identical(tmp_path, jobs, fsdp
     job = jobs(torchrun_cmd("fsdp.py", *ARGS, max_restarts=3), tmp_path)
     job.wait_for(r"Epoch 8/20")
     os.kill(job.worker(local_rank=1), signal.SIGKILL)  # a crash
-    job.wait_for(r"Resuming from snapshot.dcp: 5 epochs done[^$]*Epoch 13/20")
+    job.wait_for(r"Resuming training from snapshot.dcp: 5 epochs done[^$]*Epoch 13/20")
     os.kill(job.worker(local_rank=1), signal.SIGTERM)  # a preemption: the worker leaves cleanly, through its `finally`
     assert job.wait() == 0, job.output()[-3000:]
     output = job.output()
@@ -123,9 +121,10 @@ def test_unusable_snapshot_is_refused_in_one_line_and_left_untouched(tmp_path, f
     assert after == digests, "the snapshot folder was modified"
 
 
-# Saves sharded snapshots (two ranks, 4 MB each, every value = the save's number) as fast as it can.
+# Saves three sharded snapshots as fsdp.py does (two ranks, 4 MB each, every value = the save's number);
+# the second with $SNAPSHOT_PAUSE_AT as the test sets it, so that one rank stops at that point of the save.
 WRITER = f"""
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
 sys.path.insert(0, {str(REPO)!r})
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -133,33 +132,36 @@ from support import snapshots
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 snapshots.check_shared_folder(sys.argv[1])
-for n in range(1, 10**9):
-    weights = DTensor.from_local(torch.full((1_000_000,), float(n)), mesh, [Shard(0)])
-    snapshots.save_shards({{"MODEL_STATE": {{"w": weights}}, "EPOCHS_RUN": n}}, sys.argv[1], f"epoch-{{n:04d}}")
-    if n == 1 and dist.get_rank() == 0:
-        print("writing", flush=True)
+pause = os.environ.pop(snapshots.PAUSE_AT)
+for n in (1, 2, 3):
+    if n == 2:
+        os.environ[snapshots.PAUSE_AT] = pause
+    snapshot = {{"MODEL_STATE": {{"w": DTensor.from_local(torch.full((1_000_000,), float(n)), mesh, [Shard(0)])}}, "EPOCHS_RUN": n}}
+    with snapshots.published_when_complete(sys.argv[1], f"epoch-{{n:04d}}", snapshot) as folder:
+        dcp.save({{"MODEL_STATE": snapshot["MODEL_STATE"]}}, checkpoint_id=folder)
 """
 
 
-def test_sigkill_during_saves_leaves_the_pointer_on_a_complete_snapshot(tmp_path):
+@pytest.mark.parametrize(
+    "point, rank, pointed",
+    [("shards-written", 0, 1), ("shards-written", 1, 1), ("pointer-replaced", 0, 2)],
+    ids=["rank0-before-pointer", "rank1-before-pointer", "rank0-before-cleanup"],
+)
+def test_sigkill_during_a_save_leaves_the_pointer_on_a_complete_snapshot(tmp_path, point, rank, pointed):
+    # Rank 0 publishes the pointer and removes the older folders; any rank may die while it writes its shards.
     script, path = tmp_path / "writer.py", tmp_path / SNAPSHOT
     script.write_text(WRITER)
-    rng, interrupted = random.Random(0), []
-    for attempt in range(2):
-        job = Job(torchrun_cmd(str(script), str(path)), tmp_path, name=f"writer{attempt}")
-        try:
-            job.wait_for("writing", timeout=60)
-            time.sleep(rng.uniform(0.2, 1.0))
-            os.kill(job.worker(local_rank=rng.randrange(2)), signal.SIGKILL)
-            job.wait(timeout=60)
-        finally:
-            job.stop()
-        state = full_state(path, tmp_path)  # the snapshot the pointer names: whole, both shards, one save's values
-        weights = state["MODEL_STATE"]["w"]
-        assert weights.shape == (2_000_000,) and bool((weights == state["EPOCHS_RUN"]).all()), "a snapshot mixed two saves"
-        newest = max(int(name.split("-")[1]) for name in os.listdir(path) if name.startswith("epoch-"))
-        interrupted.append(newest > state["EPOCHS_RUN"])  # a newer folder: the kill came in the middle of its save
-    assert any(interrupted), "no kill landed during a save"
+    job = Job(torchrun_cmd(str(script), str(path)), tmp_path, name="writer", env={snapshots.PAUSE_AT: f"{point}@{rank}"})
+    try:
+        job.wait_for("paused at", timeout=120)  # the second save, at that point, on that rank
+        os.kill(job.worker(local_rank=rank), signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        job.stop()
+    state = full_state(path, tmp_path)  # the snapshot the pointer names: whole, both shards, one save's values
+    weights = state["MODEL_STATE"]["w"]
+    assert state["EPOCHS_RUN"] == pointed and weights.shape == (2_000_000,) and bool((weights == pointed).all()), "not one whole save"
+    assert sorted(name for name in os.listdir(path) if name.startswith("epoch-")) == ["epoch-0001", "epoch-0002"]  # the next save removes the other
 
 
 def test_nodes_that_do_not_share_the_snapshot_folder_are_refused_in_one_line(tmp_path, jobs):
@@ -250,7 +252,7 @@ def test_mingpt_sharded_stopped_mid_epoch_resumes_bit_identical(tmp_path, gpt_fs
     stop_with_sigusr1(gpt_cmd(tmp_path), tmp_path, r"epoch 2 \| step 40/", local_rank=1)
     again = run(gpt_cmd(tmp_path), tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert re.search(r"Resuming from gpt.dcp: 1 epochs \+ [1-9][\d,]* windows done", again.stdout), again.stdout[-2000:]
+    assert re.search(r"Resuming training from gpt.dcp: 1 epoch \+ [1-9][\d,]* windows done", again.stdout), again.stdout[-2000:]
     a, b = (full_state(folder / "gpt.dcp", folder) for folder in (tmp_path, gpt_fsdp_run))
     assert a["GLOBAL_STEP"] == b["GLOBAL_STEP"]
     a, b = tensors(a), tensors(b)
@@ -264,7 +266,7 @@ def test_mingpt_sharded_resumes_on_another_number_of_processes(tmp_path, gpt_fsd
     shutil.copytree(gpt_fsdp_run / "gpt.dcp", tmp_path / "gpt.dcp")
     result = run(gpt_cmd(tmp_path, "trainer_config.max_epochs=4", nproc=1), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming from gpt.dcp: 3 epochs + 0 windows done" in result.stdout
+    assert "Resuming training from gpt.dcp: 3 epochs + 0 windows done" in result.stdout
     assert "Note: saved by 2 processes, resumed by 1" in result.stdout
     before = [float(loss) for loss in re.findall(r"test loss ([0-9.]+)", (gpt_fsdp_run / "stdout.txt").read_text())]
     after = [float(loss) for loss in re.findall(r"Epoch 4/4 \| test loss ([0-9.]+)", result.stdout)]

@@ -251,15 +251,15 @@ def assert_same_training(path_a: Path, path_b: Path) -> None:
 
 def test_sigterm_mid_epoch_saves_at_that_step_and_resumes_bit_identical(tmp_path, jobs, corpus, uninterrupted):
     job = jobs(train(corpus, *RESUME, "trainer_config.tensorboard_dir=tb", max_restarts=3), tmp_path)
-    job.wait_for(r"Snapshot saved at gpt_snapshot.pt: 1 epochs")
+    job.wait_for(r"Training snapshot saved at gpt_snapshot.pt: 1 epoch")
     job.wait_for(r"epoch 2 \| step 100/")
     os.kill(job.worker(local_rank=1), signal.SIGTERM)
     assert job.wait(timeout=240) == 0, job.output()[-4000:]
     output = job.output()
     # The worker finished its step, saved exactly there, and the restart resumed from that step.
     assert "Stopping on SIGTERM" in output
-    assert "Resuming from gpt_snapshot.pt: 1 epochs + " in output
-    assert "Resuming from gpt_snapshot.pt: 1 epochs + 0 windows" not in output
+    assert "Resuming training from gpt_snapshot.pt: 1 epoch + " in output
+    assert "Resuming training from gpt_snapshot.pt: 1 epoch + 0 windows" not in output
     assert_same_training(tmp_path / "gpt_snapshot.pt", uninterrupted)
     # TensorBoard shows one curve through the restart: the global steps of a run never interrupted, each once.
     expected = [m["global_step"] for m in metrics(uninterrupted.parent) if "loss" in m]

@@ -29,7 +29,7 @@ def test_two_node_job_trains_on_both_nodes_and_saves_a_final_snapshot(slurm, tmp
     # The rendezvous is at the first node's own address, not localhost, on a port from the job id.
     assert f"2 nodes x 1 processes, rendezvous at 10.77.0.11:{20000 + job_id % 10000} (node1)" in output
     assert [n for n, _ in epochs(output)] == list(range(1, 51))
-    assert output.count("batch 32 x 2 ranks") == 50
+    assert output.count("Batchsize: 32 x 2 ranks") == 50
     snapshot = tmp_path / f"snapshot-{job_id}.pt"
     assert snapshots.read(str(snapshot), "cpu")["EPOCHS_RUN"] == 50
     assert (tmp_path / f"slurm-ddp-multinode-{job_id}.out").exists()
@@ -44,7 +44,7 @@ def test_two_jobs_share_the_nodes_and_scancel_leaves_no_process(slurm, tmp_path)
     for job_id, per_node in ((cpu_job, 1), (gpu_job, 2)):
         slurm.wait_for_output(job_id, r"Epoch 11/100000")  # after the first snapshot
         assert slurm.job(job_id)["NodeList"] == "node[1-2]"
-        assert f"batch 32 x {2 * per_node} ranks" in slurm.output(job_id)
+        assert f"Batchsize: 32 x {2 * per_node} ranks" in slurm.output(job_id)
         workers = sorted((env["SLURMD_NODENAME"], env["LOCAL_RANK"]) for env in slurm.workers(job_id).values())
         assert workers == [(node, str(rank)) for node in ("node1", "node2") for rank in range(per_node)]
     ports = {re.search(r"rendezvous at \S+:(\d+)", slurm.output(job_id)).group(1) for job_id in (cpu_job, gpu_job)}
@@ -61,20 +61,21 @@ def test_two_jobs_share_the_nodes_and_scancel_leaves_no_process(slurm, tmp_path)
         assert snapshots.read(str(tmp_path / f"snapshot-{job_id}.pt"), "cpu")["EPOCHS_RUN"] % 10 == 0
 
 
-def test_warning_signal_saves_a_snapshot_and_the_requeued_job_resumes_from_it(slurm, tmp_path, reference_snapshot):
-    args = (RESUME_ARGS[0], "1000")  # no periodic snapshot before the last epoch: the warning's is the only one
-    job_id = slurm.sbatch(SCRIPT, *args, options=(f"--chdir={tmp_path}",))
-    slurm.wait_for_output(job_id, r"Epoch 5/60")  # early: the warning must come before the last epoch
+def test_warning_signal_requeues_the_job_and_it_resumes_from_its_snapshot(slurm, tmp_path, reference_snapshot):
+    job_id = slurm.sbatch(SCRIPT, *RESUME_ARGS, options=(f"--chdir={tmp_path}",))  # 60 epochs, a snapshot every 10
+    slurm.wait_for_output(job_id, r"Epoch 12/60")  # after the first snapshot
     # What Slurm does for `--signal=B:USR1@120` when the time limit nears: SIGUSR1 to the batch shell alone.
     slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
     job = slurm.wait_for_end(job_id, timeout=180)
     output = slurm.output(job_id)  # both runs: the output file is opened in append mode
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output[-3000:]
-    stopped = int(re.search(r"Stopped after epoch (\d+) on SIGUSR1", output).group(1))
     snapshot = tmp_path / f"snapshot-{job_id}.pt"
-    assert f"Epoch {stopped} | snapshot saved at {snapshot}\n" in output
-    assert f"Resuming from {snapshot}: {stopped} epochs done" in output
-    assert [n for n, _ in epochs(output)] == list(range(1, 61)), "an epoch was repeated or skipped"
+    assert f"SIGUSR1: the job is requeued now; it resumes from {snapshot}" in output
+    first_run, resumed = output.split(f"Resuming training from {snapshot}: ")
+    done = int(resumed.split()[0])
+    assert done % 10 == 0 and done >= 10 and f"Epoch {done} | Training snapshot saved at {snapshot}\n" in first_run
+    assert epochs(first_run)[-1][0] < 60, "the first run was not stopped"
+    assert [n for n, _ in epochs(resumed)] == list(range(done + 1, 61)), "an epoch after the snapshot was repeated or skipped"
     assert_bit_identical(snapshot, reference_snapshot)
 
 

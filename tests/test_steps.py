@@ -33,7 +33,7 @@ def test_single_gpu_learns_and_saves_a_checkpoint(tmp_path):
     result = run(python_cmd("single_gpu.py", "50", "10"), tmp_path)
     assert result.returncode == 0, result.stderr
     assert_learns(result.stdout, 50)
-    assert "steps 64 | batch 32 " in result.stdout  # 2048 samples / 32 on one device
+    assert "Batchsize: 32 | Steps: 64 |" in result.stdout  # 2048 samples / 32 on one device
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert set(state) == {"weight", "bias"}
 
@@ -43,13 +43,13 @@ def test_multigpu_spawns_two_cpu_ranks_that_learn(tmp_path):
     assert result.returncode == 0, result.stderr
     assert_learns(result.stdout, 20)
     # Each rank sees half the data; only rank 0 prints.
-    assert result.stdout.count("steps 32 | batch 32 x 2 ranks") == 20
+    assert result.stdout.count("Batchsize: 32 x 2 ranks | Steps: 32") == 20
 
 
 # What a step does around its process group, in order: import launch, join, make the model and the
 # optimizer (which imports torch._dynamo), train a step, leave. Prints how many of gloo's threads (named pt_gloo_runloop, gloo_tcp_loop) are alive.
 FREED = f"""
-import gc, os, sys, types, torch, torch.distributed as dist
+import gc, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
 import datautils
 from support import launch
@@ -57,9 +57,12 @@ if sys.argv[1] == "fsdp":
     import fsdp  # not for DDP: importing FSDP imports torch.distributed.nn, as launch does
 gloo = lambda: sum("gloo" in open(f"/proc/self/task/{{task}}/comm").read() for task in os.listdir("/proc/self/task"))
 dist.init_process_group("gloo")
-shard = lambda model: fsdp.shard_model(model, "cpu", types.SimpleNamespace(sync_bn=False, workload="toy"))
-_, _, model, optimizer = datautils.load_train_objs("toy", shard=shard if sys.argv[1] == "fsdp" else lambda model: None)
-model = model if sys.argv[1] == "fsdp" else torch.nn.parallel.DistributedDataParallel(model)
+_, _, model, optimizer = datautils.load_train_objs()
+if sys.argv[1] == "fsdp":  # as fsdp.py does
+    fsdp.shard_model(model, "cpu", "toy")
+    optimizer = type(optimizer)(model.parameters(), **optimizer.defaults)
+else:
+    model = torch.nn.parallel.DistributedDataParallel(model)
 model(torch.ones(2, datautils.IN_FEATURES)).sum().backward()
 optimizer.step()
 training = gloo()
@@ -73,7 +76,9 @@ print(f"gloo threads: {{training}} in training, {{gloo()}} after destroy_process
 
 
 # torch 2.11 keeps FSDP's device mesh somewhere besides the DTensor caches that launch.py empties.
-OLD_TORCH_KEEPS_THE_MESH = pytest.mark.xfail(cli.torch_release(torch.__version__) < (2, 14), reason="torch 2.11 (seen) keeps FSDP's mesh elsewhere; 2.14.1 lets it go")
+OLD_TORCH_KEEPS_THE_MESH = pytest.mark.xfail(
+    cli.torch_release(torch.__version__) < (2, 14), reason="torch 2.11 (seen) keeps FSDP's mesh elsewhere; 2.14.1 lets it go"
+)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", pytest.param("fsdp", marks=OLD_TORCH_KEEPS_THE_MESH)])
@@ -108,7 +113,7 @@ def test_torchrun_learns_and_snapshots_every_save_every_and_at_the_end(tmp_path)
     result = run(torchrun_cmd("multigpu_torchrun.py", "7", "5"), tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_learns(result.stdout, 7)
-    assert "Epoch 5 | snapshot saved" in result.stdout and "Epoch 7 | snapshot saved" in result.stdout
+    assert "Epoch 5 | Training snapshot saved" in result.stdout and "Epoch 7 | Training snapshot saved" in result.stdout
     snapshot = torch.load(tmp_path / "snapshot.pt", weights_only=True)
     assert snapshot["EPOCHS_RUN"] == 7
     assert snapshot["OPTIMIZER_STATE"]["state"], "momentum buffers must be saved"
@@ -120,7 +125,7 @@ def test_a_finished_run_trains_nothing_and_a_new_global_batch_is_noted(tmp_path)
     assert run(torchrun_cmd("multinode.py", "4", "2"), tmp_path).returncode == 0
     again = run(torchrun_cmd("multinode.py", "4", "2", "--batch_size", "16"), tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "Resuming from snapshot.pt: 4 epochs done" in again.stdout
+    assert "Resuming training from snapshot.pt: 4 epochs done" in again.stdout
     assert "Note: the global batch changed from 64 (2 processes x 32) to 32 (2 x 16); --batch_size 32 keeps it" in again.stdout
     assert "Nothing to train: the snapshot has 4 of 4 epochs done" in again.stdout and epochs(again.stdout) == []
 
@@ -132,7 +137,7 @@ def test_augmentation_is_drawn_per_image_and_epoch_on_any_rank_or_worker_and_rep
     again, _ = datautils.cifar10("fake")
     first = torch.stack([images[i][0] for i in range(16)])
     assert torch.equal(first, torch.stack([again[i][0] for i in range(16)])), "another run draws the same augmentations"
-    images.set_epoch(1)
+    images.set_augmentation_epoch(1)
     assert not torch.equal(first, torch.stack([images[i][0] for i in range(16)])), "each epoch draws new ones"
     # Neighbouring images, as two workers or two ranks would take them, get different draws
     # (the classic bug: every worker starts from the same random state and repeats the others' draws).

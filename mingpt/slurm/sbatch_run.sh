@@ -38,4 +38,5 @@ source "$launcher"
 
 # The data: downloaded once per node into ./data, or pass data_config.path=/shared/input.txt.
 SNAPSHOT_PATH=${SNAPSHOT_PATH:-$PWD/gpt_snapshot-$SLURM_JOB_ID.pt}
-launch_training mingpt/main.py "trainer_config.snapshot_path=$SNAPSHOT_PATH" "$@"
+# On Slurm's time-limit warning every rank stops after the same step, with a snapshot; then the job is requeued.
+ON_WARNING=stop launch_training mingpt/main.py "trainer_config.snapshot_path=$SNAPSHOT_PATH" "$@"
