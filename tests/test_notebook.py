@@ -149,18 +149,18 @@ def test_notebook_runs_top_to_bottom_without_a_cell_error(executed):
 def test_steps_print_their_epoch_lines(executed):
     notebook, _ = executed
     single, spawned, torchrun = (output_of(notebook, cell) for cell in ("step1", "step2", "step3"))
-    assert epoch_numbers(single) == [1, 2] and "[cpu] Epoch 2/2 | steps 64 | batch 32 |" in single, single[-3000:]
+    assert epoch_numbers(single) == [1, 2] and "[cpu] Epoch 2/2 | Batchsize: 32 | Steps: 64 |" in single, single[-3000:]
     assert "checkpoint saved at checkpoint.pt" in single
     for output in (spawned, torchrun):
-        assert epoch_numbers(output) == [1, 2] and "batch 32 x 2 ranks" in output, output[-3000:]
-    assert "snapshot saved at snapshot.pt" in torchrun
+        assert epoch_numbers(output) == [1, 2] and "Batchsize: 32 x 2 ranks" in output, output[-3000:]
+    assert "Training snapshot saved at snapshot.pt" in torchrun
 
 
 def test_crash_is_restarted_from_the_snapshot(executed):
     notebook, _ = executed
     output = output_of(notebook, "crash")
     assert "simulated crash at the start of epoch 3" in output, output[-3000:]
-    resumed = output.split("Resuming from snapshot.pt: 2 epochs done")
+    resumed = output.split("Resuming training from snapshot.pt: 2 epochs done")
     assert len(resumed) == 2, output[-3000:]
     assert epoch_numbers(resumed[0]) == [1, 2] and epoch_numbers(resumed[1]) == [3, 4], output[-3000:]
 
