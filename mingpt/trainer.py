@@ -358,8 +358,8 @@ class Trainer:
 
     def train(self) -> None:
         self.report.log(
-            f"Global batch {self.global_batch} windows = {self.world_size} processes x {self.accum} micro-batches "
-            f"of {self.micro_batch}; {self.steps_per_epoch} steps per epoch"
+            f"Global batch {self.global_batch} windows = {snapshots.plural(self.world_size, 'process')} x "
+            f"{snapshots.plural(self.accum, 'micro-batch')} of {self.micro_batch}; {self.steps_per_epoch} steps per epoch"
         )
         for epoch in range(self.epochs_run, self.config.max_epochs):
             self._run_epoch(epoch)

@@ -174,7 +174,8 @@ def kept(path: str) -> str:
 
 
 def plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'s' * (count != 1)}"
+    """`count` `noun`s, in words: 1 epoch, 2 epochs, 1 process, 2 processes."""
+    return f"{count:,} {noun}{('es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's') * (count != 1)}"
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

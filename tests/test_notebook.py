@@ -188,7 +188,7 @@ def test_capstone_trains(executed):
     if not SHARED_TEXT.exists():
         assert f"capstone skipped: no Tiny Shakespeare at {SHARED_TEXT}" in output, output[-3000:]
         pytest.skip("needs the Tiny Shakespeare text: put it at ../shared/data/tinyshakespeare.txt")
-    assert "2 ranks on cpu" in output and "2 processes x 1 micro-batches of 16" in output, output[-3000:]
+    assert "2 ranks on cpu" in output and "2 processes x 1 micro-batch of 16" in output, output[-3000:]
     assert re.search(r"Epoch 1/1 \| test loss \d", output), output[-3000:]
     assert "Snapshot saved at gpt_snapshot.pt" in output
 
