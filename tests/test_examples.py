@@ -19,6 +19,7 @@ EXAMPLES = "docs/examples"
 DRAW = "docs/figures/draw_ddp.py"
 PICTURES = ("ddp.png", "ddp_two_nodes.png")
 REDUCTION_ERROR = "RuntimeError: Expected to have finished reduction in the prior iteration before starting a new one."
+UNUSED_ERROR = "error: unused.weight, unused.bias got no gradient; fix: find_unused_parameters=True (--find_unused_parameters), or remove them"
 
 
 def run_side_by_side(cmds: list[list[str]], folder: Path) -> list[subprocess.CompletedProcess]:
@@ -47,13 +48,13 @@ def test_unused_parameter_stops_the_second_step_and_find_unused_parameters_fixes
     script = f"{EXAMPLES}/mistake_unused_parameter.py"
     mistake, fixed = run_side_by_side([torchrun_cmd(script), torchrun_cmd(script, "--find_unused_parameters")], tmp_path)
     assert mistake.returncode != 0
-    # Rank 0 alone prints the one line to recognise, after the first step and before the second; no traceback of ours.
-    assert mistake.stdout.splitlines()[:2] == ["step 1 done", REDUCTION_ERROR], mistake.stdout + mistake.stderr[-3000:]
-    assert mistake.stdout.count(REDUCTION_ERROR) == 1 and "step 2 done" not in mistake.stdout
-    assert "no gradient for: unused.weight, unused.bias" in mistake.stdout
+    # The second step fails. Rank 0 alone prints the line to recognise and names the parameters, first; no traceback of ours.
+    assert mistake.stdout == "step 1 done\n", mistake.stdout + mistake.stderr[-3000:]
+    assert mistake.stderr.splitlines()[:2] == [REDUCTION_ERROR, UNUSED_ERROR], mistake.stderr[-3000:]
+    assert mistake.stderr.count(REDUCTION_ERROR) == 1, mistake.stderr[-3000:]
     assert no_traceback_from("mistake_unused_parameter.py", mistake.stderr), mistake.stderr[-3000:]
     assert fixed.returncode == 0, fixed.stderr[-3000:]
-    assert "step 5 done" in fixed.stdout and REDUCTION_ERROR not in fixed.stdout
+    assert "step 5 done" in fixed.stdout and REDUCTION_ERROR not in fixed.stderr
     assert "no gradient, so no update, for: unused.weight, unused.bias" in fixed.stdout
 
 
@@ -62,13 +63,16 @@ def test_module_prefix_is_refused_by_a_plain_model_and_either_fix_loads(tmp_path
     cmds = [python_cmd(script), python_cmd(script, "--save_module"), python_cmd(script, "--strip_prefix")]
     mistake, save_module, strip_prefix = run_side_by_side(cmds, tmp_path)
     assert mistake.returncode == 1, mistake.stderr[-3000:]
-    assert "saved keys: module.weight, module.bias" in mistake.stdout
-    assert 'Missing key(s) in state_dict: "weight", "bias".' in mistake.stdout
-    assert 'Unexpected key(s) in state_dict: "module.weight", "module.bias".' in mistake.stdout
-    assert "loaded" not in mistake.stdout
+    assert mistake.stdout == "saved keys: module.weight, module.bias\n", mistake.stdout
+    assert mistake.stderr.splitlines() == [
+        "RuntimeError: Error(s) in loading state_dict for Linear:",
+        '\tMissing key(s) in state_dict: "weight", "bias".',
+        '\tUnexpected key(s) in state_dict: "module.weight", "module.bias".',
+        'error: the keys carry DDP\'s "module." prefix; fix: save model.module.state_dict() (--save_module), or strip it (--strip_prefix)',
+    ], mistake.stderr
     for fix, keys in ((save_module, "saved keys: weight, bias"), (strip_prefix, "keys without the prefix: weight, bias")):
-        assert fix.returncode == 0, fix.stdout + fix.stderr[-3000:]
-        assert keys in fix.stdout and "loaded into a plain torch.nn.Linear" in fix.stdout and "Missing key" not in fix.stdout
+        assert fix.returncode == 0 and fix.stderr == "", fix.stdout + fix.stderr[-3000:]
+        assert keys in fix.stdout and fix.stdout.endswith("loaded into a plain torch.nn.Linear\n"), fix.stdout
 
 
 def dealt(output: str) -> list[list[list[int]]]:

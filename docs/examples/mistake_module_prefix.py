@@ -15,6 +15,8 @@ import torch.distributed.nn  # noqa: F401  (before init_process_group: imported 
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+HINT = 'error: the keys carry DDP\'s "module." prefix; fix: save model.module.state_dict() (--save_module), or strip it (--strip_prefix)'
+
 
 def saved_state(save_module: bool) -> dict[str, torch.Tensor]:
     """What a training script would save: DDP's state_dict, or with the fix, its model's."""
@@ -27,7 +29,8 @@ def load_into_plain_model(state: dict[str, torch.Tensor]) -> bool:
     try:
         torch.nn.Linear(4, 1).load_state_dict(state)
     except RuntimeError as err:
-        print("\n".join(line.rstrip() for line in f"RuntimeError: {err}".splitlines()), flush=True)
+        print("\n".join(line.rstrip() for line in f"RuntimeError: {err}".splitlines()), file=sys.stderr, flush=True)
+        print(HINT, file=sys.stderr, flush=True)
         return False
     print("loaded into a plain torch.nn.Linear", flush=True)
     return True

@@ -54,12 +54,12 @@ def train(device: torch.device, find_unused_parameters: bool) -> bool:
 
 
 def explain(err: RuntimeError, names: list[str]) -> None:
-    """The error's first sentence, the one to recognise, and the parameters that torch gives by index."""
+    """The error's first sentence, the line to recognise, then which parameters it means: torch gives their indices."""
     text = str(err)
-    print(f"RuntimeError: {text.split('. ')[0]}.", flush=True)
+    print(f"RuntimeError: {text.split('. ')[0]}.", file=sys.stderr, flush=True)
     unused = re.search(r"did not receive grad for rank \d+: ([\d ]+)", text)
-    if unused:
-        print(f"no gradient for: {', '.join(names[int(i)] for i in unused[1].split())}; fix: find_unused_parameters=True, or remove them", flush=True)
+    which = ", ".join(names[int(i)] for i in unused[1].split()) if unused else "some parameters"
+    print(f"error: {which} got no gradient; fix: find_unused_parameters=True (--find_unused_parameters), or remove them", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
