@@ -23,7 +23,7 @@ UNUSED_ERROR = "error: unused.weight, unused.bias got no gradient; fix: find_unu
 
 
 def run_side_by_side(cmds: list[list[str]], folder: Path) -> list[subprocess.CompletedProcess]:
-    """Run the commands at once, each in a folder of its own: a mistake and its fix take the time of one."""
+    """Run the commands at once, each in a folder of its own, so that one's start-up waits overlap another's work."""
     folders = [folder / str(i) for i in range(len(cmds))]
     for path in folders:
         path.mkdir()
@@ -107,7 +107,7 @@ def test_no_set_epoch_repeats_the_order_every_epoch_and_set_epoch_reshuffles(tmp
 
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory) -> Path:
-    """The folder the drawing script, run as the README runs it, wrote its PNGs into."""
+    """The folder that the drawing script, run from the repository root, wrote its PNGs into."""
     folder = tmp_path_factory.mktemp("figures")
     result = run(python_cmd(DRAW, str(folder)), REPO)
     assert result.returncode == 0, result.stderr[-3000:]
