@@ -66,8 +66,8 @@ def test_module_prefix_is_refused_by_a_plain_model_and_either_fix_loads(tmp_path
     assert mistake.stdout == "saved keys: module.weight, module.bias\n", mistake.stdout
     assert mistake.stderr.splitlines() == [
         "RuntimeError: Error(s) in loading state_dict for Linear:",
-        '\tMissing key(s) in state_dict: "weight", "bias".',
-        '\tUnexpected key(s) in state_dict: "module.weight", "module.bias".',
+        '  Missing key(s) in state_dict: "weight", "bias".',
+        '  Unexpected key(s) in state_dict: "module.weight", "module.bias".',
         'error: the keys carry DDP\'s "module." prefix; fix: save model.module.state_dict() (--save_module), or strip it (--strip_prefix)',
     ], mistake.stderr
     for fix, keys in ((save_module, "saved keys: weight, bias"), (strip_prefix, "keys without the prefix: weight, bias")):

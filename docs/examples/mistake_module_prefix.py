@@ -29,7 +29,9 @@ def load_into_plain_model(state: dict[str, torch.Tensor]) -> bool:
     try:
         torch.nn.Linear(4, 1).load_state_dict(state)
     except RuntimeError as err:
-        print("\n".join(line.rstrip() for line in f"RuntimeError: {err}".splitlines()), file=sys.stderr, flush=True)
+        # Spaces for torch's tabs: pasted into a README, the lines stay the same.
+        torch_lines = [line.rstrip().replace("\t", "  ") for line in f"RuntimeError: {err}".splitlines()]
+        print("\n".join(torch_lines), file=sys.stderr, flush=True)
         print(HINT, file=sys.stderr, flush=True)
         return False
     print("loaded into a plain torch.nn.Linear", flush=True)
