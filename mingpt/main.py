@@ -77,7 +77,7 @@ def main(configs: Configs) -> None:
     trainer = Trainer(configs.trainer, model, optimizer, configs.optimizer, train_set, test_set, snapshot, extra_state, device)
     trainer.report.log(
         f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {len(chars)}, "
-        f"{len(train_set):,} training windows, {dist.get_world_size()} ranks on {device.type}"
+        f"{len(train_set):,} training windows, {cli.plural(dist.get_world_size(), 'rank')} on {device.type}"
     )
     trainer.train()
     # Every rank samples (with fsdp a forward is collective); rank 0 prints.

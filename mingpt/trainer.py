@@ -250,7 +250,7 @@ class Trainer:
 
     def progress(self) -> str:
         """Epochs and windows done, as the snapshot lines say it."""
-        return f"{snapshots.plural(self.epochs_run, 'epoch')} + {self.windows_done:,} windows"
+        return f"{cli.plural(self.epochs_run, 'epoch')} + {self.windows_done:,} windows"
 
     # ------------------------------------------------------------------ training
 
@@ -358,8 +358,8 @@ class Trainer:
 
     def train(self) -> None:
         self.report.log(
-            f"Global batch {self.global_batch} windows = {snapshots.plural(self.world_size, 'process')} x "
-            f"{snapshots.plural(self.accum, 'micro-batch')} of {self.micro_batch}; {self.steps_per_epoch} steps per epoch"
+            f"Global batch {self.global_batch} windows = {cli.plural(self.world_size, 'process', 'processes')} x "
+            f"{cli.plural(self.accum, 'micro-batch', 'micro-batches')} of {self.micro_batch}; {self.steps_per_epoch} steps per epoch"
         )
         for epoch in range(self.epochs_run, self.config.max_epochs):
             self._run_epoch(epoch)

@@ -62,7 +62,7 @@ def fail(message: str, scope: str = "job", reporter: bool | None = None) -> NoRe
     """
     if not (rank_in(scope) == 0 if reporter is None else reporter) and reported_elsewhere():
         raise SystemExit(1)
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    say(f"error: {message}")
     if dist.is_initialized():
         try:
             c10d._get_default_store().set(REPORTED_KEY, "1")
@@ -82,6 +82,18 @@ def reported_elsewhere() -> bool:
     except Exception as err:  # timed out; or the store went with the process or node that held it, as the job ends
         return "timeout" not in str(err).lower()
     return True
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """`count` and its noun, in words: 1 epoch, 2 epochs; 1 process, 2 processes (`nouns`: the plural, if not noun + s)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def say(line: str) -> None:
+    """One line on stderr, in one write: torchrun runs workers unbuffered, and a line written in two
+    pieces (print writes the newline apart) can be cut by another process's output."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def brief(err: BaseException, limit: int = 200) -> str:
@@ -112,7 +124,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if rank_in("job") != 0:
             time.sleep(REPORTING_RANK_GRACE_S)  # as in `fail`: rank 0 reports it
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        say(f"{self.prog}: error: {message} (see --help)")
         raise SystemExit(2)
 
 
@@ -271,11 +283,7 @@ def check_torch(version: str) -> None:
     """
     if torch_release(version) < OLDEST_TORCH and rank_in("node") == 0 and multiprocessing.current_process().name == "MainProcess":
         oldest = ".".join(map(str, OLDEST_TORCH))
-        print(
-            f"warning: this series is tested on torch {oldest} or newer, not {version}; "
-            "if something fails, pip install -r requirements.txt",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+        say(f"warning: this series is tested on torch {oldest} or newer, not {version}; if something fails, pip install -r requirements.txt")
 
 
 check_torch(torch.__version__)

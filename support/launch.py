@@ -95,7 +95,7 @@ def spawn_guarded(keeps: str) -> Iterator[None]:
 def stopped_by_ctrl_c(keeps: str | None) -> NoReturn:
     """The one line a job stopped by Ctrl-C prints (rank 0): what `keeps` holds, and how to go on. Exit 130, as the shell's."""
     if cli.is_rank_zero():
-        print(f"Stopped by Ctrl-C{f': {snapshots.kept(keeps)}' if keeps else ''}", file=sys.stderr, flush=True)
+        cli.say(f"Stopped by Ctrl-C{f': {snapshots.kept(keeps)}' if keeps else ''}")
     raise SystemExit(128 + signal.SIGINT)
 
 
@@ -234,11 +234,9 @@ def torchrun_worker(device: str, usage: str, keeps: str | None = None) -> None:
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if restarts > 0 and first_attempt and os.environ.get(STORE_VARIABLE) != "1" and cli.is_rank_zero():
-        print(
+        cli.say(
             f"warning: with --max-restarts, restarted workers can hang on torchrun's shared rendezvous store "
-            f"(pytorch/pytorch#135712); start torchrun with: export {STORE_VARIABLE}=1",
-            file=sys.stderr,
-            flush=True,
+            f"(pytorch/pytorch#135712); start torchrun with: export {STORE_VARIABLE}=1"
         )
 
 

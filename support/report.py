@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from support import snapshots
+from support import cli, snapshots
 
 DOMINANT = 0.4  # data or communication above this share of the step time gets one line of advice
 
@@ -164,7 +164,7 @@ class Report:
         """Print the epoch's line, and advice the first time data or communication dominates."""
         split = self.timer.split()
         ranks = dist.get_world_size() if dist.is_initialized() else 1
-        batch = f"Batchsize: {batch_size}" + (f" x {snapshots.plural(ranks, 'rank')}" if dist.is_initialized() else "")
+        batch = f"Batchsize: {batch_size}" + (f" x {cli.plural(ranks, 'rank')}" if dist.is_initialized() else "")
         values = " | ".join(f"{name} {value:.1%}" if "accuracy" in name else f"{name} {value:.6f}" for name, value in val.items())
         print(
             f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | {batch} | Steps: {split['steps']} | loss {loss:.6f} | {values} | "

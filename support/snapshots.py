@@ -169,13 +169,8 @@ def kept(path: str) -> str:
         return f"{path} cannot be read"
     if not isinstance(saved, dict) or "EPOCHS_RUN" not in saved:  # steps 1 and 2: the weights alone
         return f"{path} keeps the weights saved last (its line is above); this step does not resume, step 3 does"
-    done = plural(saved["EPOCHS_RUN"], "epoch") + (f" + {saved['WINDOWS_DONE']:,} windows" if saved.get("WINDOWS_DONE") else "")
+    done = cli.plural(saved["EPOCHS_RUN"], "epoch") + (f" + {saved['WINDOWS_DONE']:,} windows" if saved.get("WINDOWS_DONE") else "")
     return f"{path} keeps {done}; the same command resumes from there"
-
-
-def plural(count: int, noun: str) -> str:
-    """`count` `noun`s, in words: 1 epoch, 2 epochs, 1 process, 2 processes."""
-    return f"{count:,} {noun}{('es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's') * (count != 1)}"
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -19,7 +19,7 @@ import multinode  # noqa: E402
 dist.init_process_group("gloo")
 _, val_set, model, _ = datautils.load_train_objs()  # seeded: the same weights on every rank
 inner = types.SimpleNamespace(module=model)
-exact = types.SimpleNamespace(model=inner, device="cpu", val_data=multinode.prepare_dataloader(val_set, 128, 0, train=False))
+exact = types.SimpleNamespace(model=inner, device="cpu", val_data=multinode.prepare_dataloader(val_set, 128, 0, False, train=False))
 padding_sampler = DistributedSampler(val_set, shuffle=False)
 padded = types.SimpleNamespace(model=inner, device="cpu", val_data=DataLoader(val_set, 128, sampler=padding_sampler, collate_fn=datautils.collate))
 result = {"exact": multinode.Trainer._evaluate(exact), "padded": multinode.Trainer._evaluate(padded)}

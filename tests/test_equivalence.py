@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import datautils
 from conftest import RESUME_ARGS, epochs, run, snapshot_tensors, stop_with_sigusr1, torchrun_cmd
-from support import snapshots
+from support import cli
 from mingpt.config import TrainerConfig
 from mingpt.trainer import batch_plan
 from test_mingpt import TINY_MODEL
@@ -117,7 +117,7 @@ def two_process_run(tmp_path_factory, equal_corpus) -> Path:
 def test_mingpt_on_1_or_4_processes_trains_the_weights_of_2(tmp_path, equal_corpus, two_process_run, nproc, accum):
     result = run(gpt_cmd(equal_corpus, nproc), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"= {snapshots.plural(nproc, 'process')} x {snapshots.plural(accum, 'micro-batch')} of 12" in result.stdout
+    assert f"= {cli.plural(nproc, 'process', 'processes')} x {cli.plural(accum, 'micro-batch', 'micro-batches')} of 12" in result.stdout
     assert_close_training(tmp_path / "gpt_snapshot.pt", two_process_run, rtol=1e-4, atol=1e-5)
 
 

@@ -64,7 +64,7 @@ def test_a_node_lost_with_its_disk_loses_nothing(tmp_path, jobs, reference_snaps
     # Node 0 comes back with its old disk: the copies are 20 and 40 epochs old, and the newer wins.
     shutil.move(older, folders[0] / "snapshot.pt")
     outputs = run_nodes(jobs, folders, RESUME_ARGS[0])
-    head = next(output for output in outputs if "Resuming from" in output)
+    head = next(output for output in outputs if "Resuming training from" in output)
     assert resumed_epochs(head) == 40
     for folder in folders:
         assert_bit_identical(folder / "snapshot.pt", reference_snapshot)

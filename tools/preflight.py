@@ -95,10 +95,6 @@ def posted(store: dist.Store, keys: list[str], timeout: datetime.timedelta) -> l
     return [store.get(key).decode() if store.check([key]) else None for key in keys]
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
 def span(ranks: list[dict]) -> str:
     """Some ranks of one node: torchrun numbers a node's ranks without gaps."""
     return f"ranks {ranks[0]['rank']}-{ranks[-1]['rank']}" if len(ranks) > 1 else f"rank {ranks[0]['rank']}"
@@ -130,7 +126,7 @@ def check(ranks: list[dict | None], backend: str, timeout: datetime.timedelta) -
     nodes: dict[int, list[dict]] = {}
     for rank in present:
         nodes.setdefault(rank["node"], []).append(rank)
-    who = f"{plural(len(present), 'rank')} on {plural(len(nodes), 'node')}"
+    who = f"{cli.plural(len(present), 'rank')} on {cli.plural(len(nodes), 'node')}"
     print(f"preflight: {who}, {backend}, torch {torch.__version__}", flush=True)
     width = max(len(node[0]["host"]) for node in nodes.values())
     for number, node in sorted(nodes.items()):
@@ -184,7 +180,7 @@ def measure(device: str, repeats: int) -> list[str]:
 def report(problems: list[str], who: str) -> None:
     for problem in problems:
         print(f"problem: {problem}", flush=True)
-    print(f"preflight: {plural(len(problems), 'problem')}" if problems else f"preflight: OK, {who}", flush=True)
+    print(f"preflight: {cli.plural(len(problems), 'problem')}" if problems else f"preflight: OK, {who}", flush=True)
 
 
 def connect_and_measure(store: dist.Store, device: str, backend: str, args: argparse.Namespace, who: str) -> int:
