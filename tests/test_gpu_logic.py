@@ -1,0 +1,98 @@
+"""The CUDA paths' logic, run on CPU: MFU, peaks, precision, evaluation without host copies, FSDP's
+logged gradient norm. Where a fact only a GPU has matters (its name, its compute capability), it is
+passed in; the processes, process groups and collectives are real (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, run, torchrun_cmd
+from mingpt.report import peak_flops
+from mingpt.trainer import DTYPES, chosen_precision, loss_scaler
+
+H100_SXM = "NVIDIA H100 80GB HBM3"
+
+# A RunReport on each rank of a real job, told it runs on an H100 SXM in bf16. Every rank trains
+# 8 windows of 128 tokens per step, 100 steps in 2 s: the job's global batch grows with the ranks.
+REPORTER = f"""
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+from mingpt.config import TrainerConfig
+from mingpt.report import RunReport
+dist.init_process_group("gloo")
+config = TrainerConfig(metrics_path=sys.argv[1])
+world = dist.get_world_size()
+for gpu in ({H100_SXM!r}, "NVIDIA GeForce RTX 4090"):
+    report = RunReport(config, torch.device("cpu"), flops_per_token=10**9, tokens_per_step=world * 8 * 128, precision="bf16", gpu=gpu)
+    tokens_per_s, mfu = report.throughput({{"steps": 100, "total": 2.0}})
+    report.close()
+    if dist.get_rank() == 0:
+        print(json.dumps({{"gpu": gpu, "tokens_per_s": tokens_per_s, "mfu": mfu}}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_mfu_on_two_processes_is_that_of_one_gpu(tmp_path):
+    script = tmp_path / "reporter.py"
+    script.write_text(REPORTER)
+    result = run(torchrun_cmd(str(script), str(tmp_path / "metrics.jsonl")), tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    known, unknown = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    per_gpu_tokens_per_s = 100 * 8 * 128 / 2.0
+    assert known["tokens_per_s"] == pytest.approx(2 * per_gpu_tokens_per_s)  # the job's throughput: both ranks
+    assert known["mfu"] == pytest.approx(10**9 * per_gpu_tokens_per_s / 989.5e12)  # one GPU's share over one GPU's peak
+    assert unknown["mfu"] is None
+    notes = [line for line in result.stdout.splitlines() if line.startswith("No MFU")]
+    assert notes == [
+        "No MFU: mingpt/report.py has no bf16 peak for 'NVIDIA GeForce RTX 4090' (add its dense figure from NVIDIA's datasheet to PEAK_TFLOPS)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "gpu, precision, tf32, tflops",
+    [
+        (H100_SXM, "bf16", True, 989.5),
+        ("NVIDIA H100 PCIe", "bf16", True, 756.5),  # a substring match gave it the SXM's 989
+        ("NVIDIA H100 NVL", "fp16", True, 835.5),
+        (H100_SXM, "fp32", True, 494.5),  # fp32 matmuls run on TF32 tensor cores when allowed
+        (H100_SXM, "fp32", False, 67),
+        ("NVIDIA A100-SXM4-80GB", "bf16", True, 312),
+        ("Tesla T4", "fp16", True, 65),
+        ("Tesla T4", "fp32", True, 8.1),  # no TF32 before Ampere: allow_tf32 changes nothing
+        ("Tesla T4", "bf16", True, None),  # emulated bf16 has no peak to compare with
+        ("NVIDIA H100", "bf16", True, None),  # not a name torch gives: no guess
+    ],
+)
+def test_peak_is_looked_up_by_exact_name_and_precision(gpu, precision, tf32, tflops):
+    assert peak_flops(gpu, precision, tf32) == (tflops * 1e12 if tflops else None)
+
+
+@pytest.mark.parametrize(
+    "capability, strategy, chosen",
+    [
+        ((7, 5), "ddp", "fp16"),  # T4 (Kaggle, Colab)
+        ((7, 0), "ddp", "fp16"),  # V100
+        ((7, 5), "fsdp", "fp32"),  # fsdp takes no fp16
+        ((8, 0), "ddp", "bf16"),  # A100
+        ((9, 0), "fsdp", "bf16"),  # H100
+        (None, "ddp", "fp32"),  # CPU
+    ],
+)
+def test_auto_precision_follows_the_compute_capability(capability, strategy, chosen):
+    precision, note = chosen_precision("auto", strategy, capability)
+    assert precision == chosen
+    assert bool(note) == (capability is not None and capability < (8, 0))
+    assert loss_scaler(precision, "cpu").is_enabled() == (precision == "fp16")
+
+
+def test_auto_precision_without_native_bf16_is_fp16_with_a_grad_scaler_and_says_why():
+    precision, note = chosen_precision("auto", "ddp", (7, 5))
+    assert DTYPES[precision] is torch.float16 and loss_scaler(precision, "cpu").is_enabled()
+    assert note == "precision auto: this GPU (compute capability 7.5) has no bf16 units, so fp16 with loss scaling (GradScaler)"
+    assert chosen_precision("auto", "fsdp", (7, 5))[1].endswith(
+        "so fp32: fp16 would need a loss scaler that FSDP's sharded gradients do not have here"
+    )
+    assert chosen_precision("bf16", "ddp", (7, 5)) == ("bf16", "")  # asked for by name: as asked
