@@ -349,7 +349,8 @@ class Trainer:
         self.raw_model.eval()
         totals = torch.zeros(2, device=self.device)
         batches = list(torch.arange(self.global_rank, len(self.test_set), self.world_size).split(self.config.batch_size))
-        forwards = torch.tensor([len(batches)], device=self.device)
+        # torch.full, not torch.tensor: made on the device, no copy from the host that waits for the GPU
+        forwards = torch.full((1,), len(batches), device=self.device)
         dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
         for index in range(int(forwards)):
             batch = batches[index] if index < len(batches) else torch.zeros(0, dtype=torch.long)
@@ -357,7 +358,7 @@ class Trainer:
             with self.autocast:
                 _, loss = self.raw_model(source, targets if len(batch) else None)
             if len(batch):
-                totals += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=self.device)])
+                totals += torch.stack([loss.float() * len(batch), torch.full((), float(len(batch)), device=self.device)])
         dist.all_reduce(totals)
         self.raw_model.train()
         return (totals[0] / totals[1]).item()

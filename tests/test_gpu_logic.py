@@ -96,3 +96,57 @@ def test_auto_precision_without_native_bf16_is_fp16_with_a_grad_scaler_and_says_
         "so fp32: fp16 would need a loss scaler that FSDP's sharded gradients do not have here"
     )
     assert chosen_precision("bf16", "ddp", (7, 5)) == ("bf16", "")  # asked for by name: as asked
+
+
+# Both evaluations, the steps' (datautils.evaluate) and the capstone's (Trainer._evaluate), on a real
+# 2-rank job, recording every tensor made from Python numbers (torch.tensor: aten.lift_fresh). On a
+# GPU each such tensor is a copy from the host that waits for the GPU to finish its queue.
+EVALUATIONS = f"""
+import json, sys, types, contextlib, torch, torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+sys.path.insert(0, {str(REPO)!r})
+import datautils
+from mingpt.char_dataset import CharDataset
+from mingpt.config import GPTConfig, TrainerConfig
+from mingpt.model import GPT
+from mingpt.trainer import Trainer
+
+class FromHost(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.made = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.made += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {{}}))
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+toy, val = torch.nn.Linear(datautils.IN_FEATURES, 1), datautils.MyTrainDataset(10, seed=1)
+batches = [val[range(0, 6)], val[range(6, 10)]]
+gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.0, vocab_size=11, block_size=8))
+test_set = CharDataset(torch.randint(0, 11, (100,)), 8)
+trainer = types.SimpleNamespace(raw_model=gpt, device=torch.device("cpu"), global_rank=rank, world_size=world, test_set=test_set,
+                                config=TrainerConfig(batch_size=16), autocast=contextlib.nullcontext())
+with FromHost() as recorded:
+    sums = datautils.evaluate(toy, batches, "cpu")
+    test_loss = Trainer._evaluate(trainer)
+with torch.no_grad():
+    whole = float(gpt(*test_set[torch.arange(len(test_set))])[1])
+found = {{"rank": rank, "from_host": recorded.made, "samples": float(sums[1]), "test_loss": test_loss, "whole": whole}}
+sys.stdout.write(json.dumps(found) + "\\n")  # one write: the two ranks' lines do not interleave
+dist.destroy_process_group()
+"""
+
+
+def test_evaluation_counts_are_made_on_the_device_not_copied_from_the_host(tmp_path):
+    script = tmp_path / "evaluations.py"
+    script.write_text(EVALUATIONS)
+    result = run(torchrun_cmd(str(script)), tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert rank["from_host"] == 0, rank  # torch.tensor(len(...), device=...) made one per batch
+        assert rank["samples"] == 10  # and the counts are still right
+        assert rank["test_loss"] == pytest.approx(rank["whole"], rel=1e-5)
