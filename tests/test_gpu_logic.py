@@ -150,3 +150,46 @@ def test_evaluation_counts_are_made_on_the_device_not_copied_from_the_host(tmp_p
         assert rank["from_host"] == 0, rank  # torch.tensor(len(...), device=...) made one per batch
         assert rank["samples"] == 10  # and the counts are still right
         assert rank["test_loss"] == pytest.approx(rank["whole"], rel=1e-5)
+
+
+# The same weights on both ranks, as a DDP copy and an FSDP copy; each rank one batch of its own.
+# Trainer._optimizer_step clips each and returns the norm that RunReport.step logs with .item().
+NORMS = f"""
+import copy, json, sys, types, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, {str(REPO)!r})
+from mingpt.config import GPTConfig, TrainerConfig
+from mingpt.model import GPT
+from mingpt.trainer import Trainer, loss_scaler, shard
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+ddp_model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0, vocab_size=11, block_size=16))
+fsdp_model = copy.deepcopy(ddp_model)
+shard(fsdp_model, "fp32", torch.device("cpu"))
+batch = torch.randint(0, 11, (4, 16), generator=torch.Generator().manual_seed(1 + rank))
+norms = {{}}
+for name, model, raw in (("ddp", DDP(ddp_model), ddp_model), ("fsdp", fsdp_model, fsdp_model)):
+    model(batch, batch)[1].backward()
+    optimizer = torch.optim.SGD(raw.parameters(), lr=1.0)
+    trainer = types.SimpleNamespace(raw_model=raw, optimizer=optimizer, scaler=loss_scaler("fp32", "cpu"), config=TrainerConfig(grad_norm_clip=0.1),
+                                    scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    norms[name] = Trainer._optimizer_step(trainer).item()
+moved = max(float((a - b.full_tensor()).abs().max()) for a, b in zip(ddp_model.parameters(), fsdp_model.parameters()))
+sys.stdout.write(json.dumps({{"rank": rank, **norms, "weights_differ_by": moved}}) + "\\n")  # one write: no interleaving
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_logs_the_gradient_norm_that_ddp_logs_for_the_same_gradients(tmp_path):
+    script = tmp_path / "norms.py"
+    script.write_text(NORMS)
+    result = run(torchrun_cmd(str(script)), tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert rank["ddp"] > 0.1  # above the clip: the clipping acts
+        assert rank["fsdp"] == pytest.approx(rank["ddp"], rel=1e-5), rank  # the global norm, not this rank's shards'
+        assert rank["weights_differ_by"] < 1e-6  # and both clipped alike
