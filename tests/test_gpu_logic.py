@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, run, torchrun_cmd
+from conftest import REPO, python_cmd, run, torchrun_cmd
 from mingpt.report import peak_flops
 from mingpt.trainer import DTYPES, chosen_precision, loss_scaler
 
@@ -193,3 +193,32 @@ def test_fsdp_logs_the_gradient_norm_that_ddp_logs_for_the_same_gradients(tmp_pa
         assert rank["ddp"] > 0.1  # above the clip: the clipping acts
         assert rank["fsdp"] == pytest.approx(rank["ddp"], rel=1e-5), rank  # the global norm, not this rank's shards'
         assert rank["weights_differ_by"] < 1e-6  # and both clipped alike
+
+
+# ---------------------------------------------------------------- benchmarks: a failed workload is one line
+
+
+def test_scaling_bench_without_the_text_says_where_to_put_it_and_keeps_the_other_figures(tmp_path):
+    missing = tmp_path / "tinyshakespeare.txt"
+    cmd = python_cmd("bench/scaling.py", "--workloads", "toy", "mingpt", "--repeats", "1", "--max_ranks", "1", "--corpus", str(missing))
+    result = run([*cmd, "--results", str(tmp_path / "results")], tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr == (
+        f"error: mingpt not measured: no text at {missing}; download Tiny Shakespeare there "
+        "(https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt) or pass --corpus FILE\n"
+    )
+    table = (tmp_path / "results" / "scaling_cpu.md").read_text()
+    assert "| toy (samples/s) |" in table and "mingpt" not in table
+    assert (tmp_path / "results" / "scaling_cpu.png").exists()
+
+
+def test_scaling_bench_reports_a_capstone_that_fails_to_start_in_one_line(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be\n" * 527)  # 10,013 characters: the bench trains on 0.2%, 90% of them train
+    cmd = python_cmd("bench/scaling.py", "--workloads", "mingpt", "--repeats", "1", "--max_ranks", "1", "--corpus", str(short))
+    result = run([*cmd, "--results", str(tmp_path / "results")], tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: mingpt not measured: 18 characters cannot fill one window of block_size 64; use more text or a smaller block_size\n"
+    ), result.stderr[-3000:]
+    assert not (tmp_path / "results").exists()  # nothing measured, nothing written
