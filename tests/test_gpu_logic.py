@@ -4,7 +4,9 @@ passed in; the processes, process groups and collectives are real (torchrun, glo
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -222,3 +224,38 @@ def test_scaling_bench_reports_a_capstone_that_fails_to_start_in_one_line(tmp_pa
         "error: mingpt not measured: 18 characters cannot fill one window of block_size 64; use more text or a smaller block_size\n"
     ), result.stderr[-3000:]
     assert not (tmp_path / "results").exists()  # nothing measured, nothing written
+
+
+def bench_module(name: str):
+    """A bench/ script imported as a module (bench/ is on the path, as when it runs)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "gpus, says",
+    [
+        (0, "--device cuda: no CUDA GPU is visible; use --device cpu"),
+        (1, "--device cuda gives each process its own GPU: --nprocs 2 4 needs 4, this machine has 1; compare on CPU (--device cpu)"),
+        (2, "--device cuda gives each process its own GPU: --nprocs 2 4 needs 4, this machine has 2; pass --nprocs with counts from 2 to 2"),
+        (8, None),
+    ],
+)
+def test_equivalence_bench_on_gpus_needs_a_gpu_per_process(gpus, says):
+    assert bench_module("equivalence").device_problem("cuda", [2, 4], gpus) == says
+    assert bench_module("equivalence").device_problem("cpu", [2, 4], gpus) is None
+
+
+def test_equivalence_bench_asked_for_gpus_it_lacks_says_so_in_one_line(tmp_path):
+    result = run(python_cmd("bench/equivalence.py", "--device", "cuda"), tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: --device cuda: no CUDA GPU is visible; use --device cpu\n"
+
+
+def test_equivalence_bench_names_the_card_it_ran_on_in_heading_and_file():
+    equivalence = bench_module("equivalence")
+    assert equivalence.described("cuda", H100_SXM) == ("NVIDIA H100 80GB HBM3, a GPU per process, NCCL", "nvidia-h100-80gb-hbm3")
+    assert equivalence.described("cpu", None) == ("CPU, gloo", "cpu")
