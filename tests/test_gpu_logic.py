@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, python_cmd, run, torchrun_cmd
+from conftest import REPO, no_traceback_from, python_cmd, run, torchrun_cmd
 from mingpt.report import peak_flops
 from mingpt.trainer import DTYPES, chosen_precision, loss_scaler
 
@@ -259,3 +261,27 @@ def test_equivalence_bench_names_the_card_it_ran_on_in_heading_and_file():
     equivalence = bench_module("equivalence")
     assert equivalence.described("cuda", H100_SXM) == ("NVIDIA H100 80GB HBM3, a GPU per process, NCCL", "nvidia-h100-80gb-hbm3")
     assert equivalence.described("cpu", None) == ("CPU, gloo", "cpu")
+
+
+# ---------------------------------------------------------------- preflight: a hung all-reduce is a problem line
+
+
+def test_preflight_reports_a_rank_that_hangs_in_an_all_reduce_in_one_problem_line(tmp_path, jobs):
+    # The path NCCL takes too, with TORCH_NCCL_BLOCKING_WAIT=1: the collective raises after --timeout.
+    job = jobs(torchrun_cmd("tools/preflight.py", "--timeout", "5", "--repeats", "1000000"), tmp_path)
+    job.wait_for(r"all-reduce\s+size")  # rank 0 starts the timed all-reduces; rank 1 is in them too
+    hung = job.worker(local_rank=1)
+    os.kill(hung, signal.SIGSTOP)  # it hangs: rank 0's all-reduce waits for it
+    try:
+        job.wait_for(r"preflight: 1 problem\n", timeout=60)
+    finally:
+        os.kill(hung, signal.SIGCONT)  # it finds rank 0 gone, and leaves
+    assert job.wait(timeout=60) != 0
+    output = job.output()
+    problems = [line for line in output.splitlines() if line.startswith("problem:")]
+    assert len(problems) == 1, output[-3000:]
+    assert problems[0].startswith(
+        "problem: connecting or an all-reduce over gloo took over 5 s (--timeout): a rank hangs, or cannot reach the others; "
+        "check the interfaces above, and each node's output (["
+    ), problems[0]
+    assert no_traceback_from("preflight.py", output)
