@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
-EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?(\w+(?:Error|Exception): .*)")
+EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?((?:\w+\.)*\w+(?:Error|Exception): \S.*)")  # not torchrun's empty ChildFailedError
 # name -> config overrides. Each case trains a bounded number of steps.
 CASES = {
     "default": ["trainer_config.max_epochs=1", "data_config.truncate=0.3", "trainer_config.log_every=20"],

@@ -285,3 +285,55 @@ def test_preflight_reports_a_rank_that_hangs_in_an_all_reduce_in_one_problem_lin
         "check the interfaces above, and each node's output (["
     ), problems[0]
     assert no_traceback_from("preflight.py", output)
+
+
+# ---------------------------------------------------------------- bench/gpu_check.sh, its parts on CPU
+
+
+def gpu_check(tmp_path, *parts: str, **env: str):
+    return run(["bash", str(REPO / "bench" / "gpu_check.sh"), *parts], tmp_path, timeout=600, env={"RESULTS": str(tmp_path / "results"), **env})
+
+
+def test_gpu_check_compile_part_without_a_compiler_says_so_in_one_line(tmp_path):
+    result = gpu_check(tmp_path, "compile", DEVICE="cpu", CXX="/nonexistent/g++")  # Inductor compiles with $CXX, Triton with $CC
+    says = "compile: not run: torch.compile needs a C++ compiler for Inductor's CPU kernels (g++, or CXX=...), and there is none here\n"
+    assert result.returncode == 1 and result.stderr == says, result.stderr[-3000:]
+    assert (tmp_path / "results" / "gpu_check_compile_cpu.md").read_text().endswith(says)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU is told")
+@pytest.mark.parametrize(
+    "parts, env, says",
+    [
+        ([], {}, "error: usage: bash bench/gpu_check.sh PART... (PART: steps, mingpt, compile, gpt2); DEVICE=cpu for a smoke run on CPU\n"),
+        (
+            ["all"],
+            {},
+            "error: unknown part 'all'; usage: bash bench/gpu_check.sh PART... (PART: steps, mingpt, compile, gpt2); DEVICE=cpu for a smoke run on CPU\n",
+        ),
+        (["steps"], {}, "error: no CUDA GPU is visible; DEVICE=cpu runs the parts on CPU\n"),
+        (
+            ["mingpt"],
+            {"DEVICE": "cpu", "DATA": "/nonexistent/input.txt"},
+            "error: no text for minGPT at /nonexistent/input.txt; download Tiny Shakespeare there or set DATA=path/to/tinyshakespeare.txt\n",
+        ),
+    ],
+    ids=["no part", "unknown part", "no GPU", "no text"],
+)
+def test_gpu_check_started_wrong_says_so_in_one_line(tmp_path, parts, env, says):
+    result = gpu_check(tmp_path, *parts, **env)
+    assert result.returncode == 1 and result.stderr == says, result.stderr[-3000:]
+
+
+def test_gpu_check_mingpt_part_smoke_runs_on_cpu_and_writes_its_table(tmp_path):
+    from test_mingpt import make_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(400_000))  # the smoke run trains on 0.5% of it: 2,000 characters
+    result = gpu_check(tmp_path, "mingpt", DEVICE="cpu", DATA=str(corpus))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (tmp_path / "results" / "gpu_check_mingpt_cpu.md").read_text()
+    assert table.startswith("gpu_check mingpt on CPU, ") and "minGPT throughput on CPU" in table
+    rows = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in table.splitlines() if row.startswith("| default")}
+    assert sorted(rows) == ["default", "default+fsdp"] and all(float(tokens.replace(",", "")) > 0 for tokens in rows.values()), table
+    assert "| default |" in result.stdout and (tmp_path / "results" / "gpu_check_mingpt_cpu.log").exists()
