@@ -23,9 +23,10 @@
 # $RESULTS/gpu_check_<part>_<card>.md, every line of output to gpu_check_<part>_<card>.log beside it
 # (RESULTS: bench/results on CUDA, /tmp/gpu_check_smoke on CPU), and copies both to $OUT when set.
 # DATA is the text for minGPT (default: ../shared/data/tinyshakespeare.txt beside the repository);
-# NPROC the processes (default: every GPU; 2 on CPU).
+# NPROC the processes (default: every GPU; 2 on CPU); PYTHON the interpreter (default: python3).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-$(command -v python3 || command -v python)}  # a lent GPU machine has python3, maybe no python
 device=${DEVICE:-cuda}
 data=${DATA:-$repo/../shared/data/tinyshakespeare.txt}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PYTHONUNBUFFERED=1
@@ -49,7 +50,7 @@ fail() {  # one line on stderr, exit 1
 }
 
 card() {  # the card's name (CPU on CPU), as the tables' headings give it, and its file-name form
-    python - "$device" "$repo/bench" <<'EOF'
+    "$py" - "$device" "$repo/bench" <<'EOF'
 import sys
 import torch
 sys.path.insert(0, sys.argv[2])
@@ -85,11 +86,11 @@ step() {  # NAME COMMAND...: run one script; a table row with its exit status, s
 }
 
 steps() {
-    local run=(torchrun --standalone --nproc_per_node="$nproc")
+    local run=("$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc")
     echo "| run | exit | seconds | last line |" | tee -a "$table"
     echo "| --- | ---: | ---: | --- |" | tee -a "$table"
-    step single_gpu python "$repo/single_gpu.py" 5 5 --device "$device"
-    step multigpu python "$repo/multigpu.py" 5 5 --device "$device"
+    step single_gpu "$py" "$repo/single_gpu.py" 5 5 --device "$device"
+    step multigpu "$py" "$repo/multigpu.py" 5 5 --device "$device"
     step multigpu_torchrun "${run[@]}" "$repo/multigpu_torchrun.py" 5 5 --device "$device"
     step multinode "${run[@]}" "$repo/multinode.py" 5 5 --device "$device" --snapshot_path step4_snapshot.pt
     step fsdp "${run[@]}" "$repo/fsdp.py" 5 5 --device "$device" --snapshot_path step6_snapshot.dcp
@@ -101,7 +102,7 @@ mingpt() {  # CASE...: minGPT's throughput benchmark; its table (a heading with 
     local procs=() out
     if [ "$nproc" != gpu ]; then procs=(--nproc "$nproc"); fi
     out=$(mktemp)
-    python "$repo/bench/mingpt_throughput.py" --data "$data" --cases "$@" --out "$out" "${procs[@]}" \
+    "$py" "$repo/bench/mingpt_throughput.py" --data "$data" --cases "$@" --out "$out" "${procs[@]}" \
         ${tiny[@]+--extra "${tiny[@]}"} 2>&1 | sed '/^written to /d' | tee -a "$log" || failed=1
     cat "$out" >>"$table"
     rm -f "$out"
@@ -139,7 +140,7 @@ for part in "$@"; do
     table=$results/gpu_check_${part}_$slug.md
     log=$results/gpu_check_${part}_$slug.log
     : >"$log"
-    echo "gpu_check $part on $name, $(date -u +%F), torch $(python -c 'import torch; print(torch.__version__)'): $table" | tee "$table"
+    echo "gpu_check $part on $name, $(date -u +%F), torch $("$py" -c 'import torch; print(torch.__version__)'): $table" | tee "$table"
     echo | tee -a "$table"
     failed=0
     case $part in

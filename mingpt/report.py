@@ -24,8 +24,8 @@ from support.report import StepTimer, TensorBoard, advice, describe, shares
 
 # Dense peak TFLOP/s of one GPU for matmuls in (bf16, fp16, tf32, fp32), by the exact name that
 # torch.cuda.get_device_name gives: a substring would give an H100 PCIe the SXM's figure. NVIDIA's
-# datasheets print tensor-core figures "with sparsity"; those are halved here, as dense training
-# reaches no more. None: the card has no such unit (no bf16 or TF32 before Ampere). Sources:
+# datasheets print tensor-core figures "with sparsity"; those are halved here, as training's matmuls
+# are dense. None: the card has no such unit (no bf16 or TF32 before Ampere). Sources:
 # "NVIDIA H100 Tensor Core GPU" (SXM, PCIe and NVL columns), "NVIDIA H200 Tensor Core GPU" (SXM, NVL),
 # "NVIDIA A100 Tensor Core GPU" (the same figures for 40/80 GB, SXM and PCIe), "NVIDIA A10 Tensor
 # Core GPU", "NVIDIA L4 Tensor Core GPU", "NVIDIA T4 Tensor Core GPU" (fp16: "mixed precision"),
