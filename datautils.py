@@ -172,7 +172,8 @@ def evaluate(model: torch.nn.Module, data: Any, device: str, forwards: int | Non
         source = source.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         output = model(source)
-        batch = [loss_fn(output, targets, reduction="sum"), torch.tensor(len(targets), device=device)]
+        # torch.full, not torch.tensor: made on the device, no copy from the host that waits for the GPU
+        batch = [loss_fn(output, targets, reduction="sum"), torch.full((), len(targets), device=device)]
         if targets.dtype == torch.long:
             batch.append((output.argmax(dim=1) == targets).sum())
         sums = torch.stack([value.double() for value in batch]) + (0 if sums is None else sums)

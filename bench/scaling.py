@@ -9,7 +9,8 @@ baseline is `single_gpu.py` for toy and images, and the 1-rank run for minGPT (w
 runs under DDP). On CPU every process gets one thread, so N ranks use N cores. Every figure is
 the median of `--repeats` runs, all measured in this one invocation, side by side.
 
-Writes bench/results/scaling_<device>.md (the table) and .png (the plot; needs matplotlib).
+Writes bench/results/scaling_<device>.md (the table) and .png (the plot; needs matplotlib). A
+workload that cannot run (minGPT without its text, say) is one error line; the others are kept.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from pathlib import Path
 
 import torch
 
-from mingpt_throughput import REPO, RESULTS, device_slug, run_mingpt
+from mingpt_throughput import REPO, RESULTS, device_slug, last_line, run_mingpt
+
+sys.path.insert(0, str(REPO))  # run as a script: the repository root holds mingpt/
+from mingpt.config import TINY_SHAKESPEARE_URL  # noqa: E402
 
 EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| Batchsize: (\d+)(?: x (\d+) ranks?)? \| Steps: (\d+) .*\| ([0-9.]+)s: ", re.M)
 MINGPT_SMALL = [
@@ -42,6 +46,10 @@ STEP_ARGS = {
 }
 
 
+class WorkloadFailed(Exception):
+    """A workload could not be measured; the message says why in one line."""
+
+
 def env() -> dict[str, str]:
     variables = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     if not torch.cuda.is_available():
@@ -52,7 +60,7 @@ def env() -> dict[str, str]:
 def run(cmd: list[str], folder: str) -> str:
     result = subprocess.run(cmd, cwd=folder, env=env(), capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])}... failed:\n{result.stderr[-2000:]}")
+        raise WorkloadFailed(last_line(result.stderr))
     return result.stdout
 
 
@@ -71,11 +79,16 @@ def step_throughput(workload: str, ranks: int | None) -> float:
 
 def mingpt_throughput(ranks: int, corpus: str) -> float:
     """Tokens/s over all ranks, from the logged intervals after the first."""
-    return run_mingpt(MINGPT_SMALL, corpus, ranks)["tokens_per_s"]
+    row = run_mingpt(MINGPT_SMALL, corpus, ranks)
+    if "error" in row:
+        raise WorkloadFailed(row["error"])
+    return row["tokens_per_s"]
 
 
 def measure(workload: str, ranks: int | None, repeats: int, corpus: str) -> float:
     """Median throughput of `repeats` runs; ranks None is the plain single-process trainer."""
+    if workload == "mingpt" and not Path(corpus).is_file():
+        raise WorkloadFailed(f"no text at {corpus}; download Tiny Shakespeare there ({TINY_SHAKESPEARE_URL}) or pass --corpus FILE")
     if workload == "mingpt":
         return statistics.median(mingpt_throughput(ranks or 1, corpus) for _ in range(repeats))
     return statistics.median(step_throughput(workload, ranks) for _ in range(repeats))
@@ -98,7 +111,7 @@ def plot(table: dict[str, dict], ranks: list[int], path: Path, title: str) -> No
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--workloads", nargs="+", default=["toy", "images", "mingpt"], choices=["toy", "images", "mingpt"], help="what to measure (default: all)"
@@ -110,6 +123,7 @@ def main() -> None:
         default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"),
         help="text for minGPT (default: ../shared/data/tinyshakespeare.txt)",
     )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and plot go (default: bench/results)")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -119,11 +133,17 @@ def main() -> None:
     print(title, flush=True)
     table = {}
     for workload in args.workloads:
-        row = {"single": measure(workload, None, args.repeats, args.corpus)}
-        for n in ranks:
-            row[n] = measure(workload, n, args.repeats, args.corpus)
+        try:
+            row = {"single": measure(workload, None, args.repeats, args.corpus)}
+            for n in ranks:
+                row[n] = measure(workload, n, args.repeats, args.corpus)
+        except WorkloadFailed as failure:
+            print(f"error: {workload} not measured: {failure}", file=sys.stderr, flush=True)
+            continue
         table[workload] = row
         print(workload, {k: round(v, 1) for k, v in row.items()}, flush=True)
+    if not table:
+        return 1
 
     unit = {"toy": "samples/s", "images": "samples/s", "mingpt": "tokens/s"}
     lines = [f"Scaling on {title}; median of {args.repeats} runs each.", ""]
@@ -143,13 +163,14 @@ def main() -> None:
         overhead = "n/a" if workload == "mingpt" else f"{1 - row[1] / row['single']:.1%}"
         cells = " | ".join(f"{row[n]:,.0f}" for n in ranks)
         lines.append(f"| {workload} ({unit[workload]}) | {row['single']:,.0f} | {cells} | {speedup:.2f} | {speedup / ranks[-1]:.2f} | {overhead} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if not on_gpu else device_slug(device)
-    (RESULTS / f"scaling_{slug}.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"scaling_{slug}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(table, ranks, RESULTS / f"scaling_{slug}.png", title)
-    print(f"written to bench/results/scaling_{slug}.md and .png")
+    plot(table, ranks, args.results / f"scaling_{slug}.png", title)
+    print(f"written to {args.results / f'scaling_{slug}'}.md and .png")
+    return int(len(table) < len(args.workloads))  # a workload left out is a failure, however good the others
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -86,7 +86,7 @@ class TrainerConfig:
     global_batch_size: int = 0  # windows per optimizer step over all processes; 0: batch_size x processes x grad_accum_steps
     grad_accum_steps: int = 1  # micro-steps per optimizer step (derived instead when global_batch_size is set)
     grad_norm_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32), bf16, fp16 or fp32
+    precision: str = "auto"  # auto, bf16, fp16 or fp32; auto: bf16 on GPUs with bf16 units, fp16 on older ones (fp32 with fsdp), fp32 on CPU
     strategy: str = "ddp"  # ddp: every process holds the whole model; fsdp: each holds 1/N of it (FSDP2)
     compile: bool = False  # torch.compile the model
     snapshot_path: str = "gpt_snapshot.pt"

@@ -41,12 +41,36 @@ SNAPSHOT_KEYS = (
 SMALL_KEYS = tuple(key for key in SNAPSHOT_KEYS if key not in snapshots.SHARDED_KEYS)  # fsdp: in the pointer file
 
 
-def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting; None means plain fp32."""
-    if precision == "auto":
-        use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if use_bf16 else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # the autocast dtype; None: plain fp32
+
+
+def compute_capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU's compute capability (major, minor); None on CPU."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def chosen_precision(precision: str, strategy: str, capability: tuple[int, int] | None) -> tuple[str, str]:
+    """What a run trains in (bf16, fp16 or fp32) for trainer_config.precision, and for auto on a GPU
+    without bf16 units a line saying why. `capability`: the GPU's compute capability, None on CPU.
+
+    Not torch.cuda.is_bf16_supported(): by default it also answers True where bf16 is only emulated
+    (compute capability below 8.0: T4, V100), without the tensor cores that fp16 uses there.
+    """
+    if precision != "auto":
+        return precision, ""
+    if capability is None:
+        return "fp32", ""
+    if capability >= (8, 0):
+        return "bf16", ""
+    why = f"precision auto: this GPU (compute capability {capability[0]}.{capability[1]}) has no bf16 units, so"
+    if strategy == "fsdp":
+        return "fp32", f"{why} fp32: fp16 would need a loss scaler that FSDP's sharded gradients do not have here"
+    return "fp16", f"{why} fp16 with loss scaling (GradScaler)"
+
+
+def loss_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not."""
+    return torch.amp.GradScaler(device_type, enabled=precision == "fp16")
 
 
 def batch_plan(config: TrainerConfig, world_size: int) -> tuple[int, int, int]:
@@ -73,7 +97,7 @@ def shard(model: GPT, precision: str, device: torch.device) -> None:
     LayerNorm, head). Each rank keeps 1/N of every parameter, gradient and optimizer state, and a
     unit's full weights are all-gathered only while it computes. Mixed precision is FSDP's policy:
     weights gathered in bf16 for the compute, gradients reduced in fp32. Before the optimizer is made."""
-    dtype = autocast_dtype(precision, device.type)
+    dtype = DTYPES[chosen_precision(precision, "fsdp", compute_capability(device))[0]]
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in model.blocks:
@@ -164,17 +188,19 @@ class Trainer:
         factor = lr_schedule(optimizer_config, config.max_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.fsdp = config.strategy == "fsdp"
-        dtype = autocast_dtype(config.precision, self.device_type)
+        self.precision, precision_note = chosen_precision(config.precision, config.strategy, compute_capability(device))
+        dtype = DTYPES[self.precision]
         # fsdp: FSDP's mixed-precision policy casts the weights (see `shard`), not autocast.
         self.autocast = torch.autocast(self.device_type, dtype=dtype) if dtype and not self.fsdp else nullcontext()
-        # fp16 needs loss scaling; bf16 has fp32's range and does not.
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+        self.scaler = loss_scaler(self.precision, self.device_type)
         self.epochs_run = 0
         self.windows_done = 0  # of the current epoch's order, by all processes
         self.global_step = 0  # optimizer steps since the start of training
         # ddp: each node's local rank 0 writes the node's copy; fsdp: every rank writes its shards.
         self.writes_snapshot = self.fsdp or self.local_rank == 0
-        self.report = RunReport(config, device, model.flops_per_token(), self.global_batch * train_set.block_size)
+        self.report = RunReport(config, device, model.flops_per_token(), self.global_batch * train_set.block_size, self.precision)
+        if precision_note:
+            self.report.log(precision_note)
         if snapshot is not None:
             self._load_snapshot(snapshot)
         # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, one copy in memory instead of two.
@@ -343,7 +369,8 @@ class Trainer:
         self.raw_model.eval()
         totals = torch.zeros(2, device=self.device)
         batches = list(torch.arange(self.global_rank, len(self.test_set), self.world_size).split(self.config.batch_size))
-        forwards = torch.tensor([len(batches)], device=self.device)
+        # torch.full, not torch.tensor: made on the device, no copy from the host that waits for the GPU
+        forwards = torch.full((1,), len(batches), device=self.device)
         dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
         for index in range(int(forwards)):
             batch = batches[index] if index < len(batches) else torch.zeros(0, dtype=torch.long)
@@ -351,7 +378,7 @@ class Trainer:
             with self.autocast:
                 _, loss = self.raw_model(source, targets if len(batch) else None)
             if len(batch):
-                totals += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=self.device)])
+                totals += torch.stack([loss.float() * len(batch), torch.full((), float(len(batch)), device=self.device)])
         dist.all_reduce(totals)
         self.raw_model.train()
         return (totals[0] / totals[1]).item()

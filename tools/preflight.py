@@ -6,6 +6,11 @@ In seconds, global rank 0 prints one line per node (its host, its ranks, the net
 gloo or NCCL uses there), the time and bus bandwidth of all-reduces at a few sizes, one line
 per problem with its fix, and a verdict. The exit status is 0 only when there is no problem.
 A node that never starts is torchrun's to time out: add --rdzv_conf=join_timeout=60 to it.
+
+A rank that hangs in an all-reduce is a problem line after --timeout, with gloo and with NCCL. NCCL
+by default ends a process whose collective timed out from its watchdog thread (SIGABRT, no line of
+ours), so preflight sets TORCH_NCCL_BLOCKING_WAIT=1: each collective waits on the host, up to the
+timeout, and then raises. What hangs inside NCCL's own connection setup stays NCCL's to end.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,20 +150,33 @@ def check(ranks: list[dict | None], backend: str, timeout: datetime.timedelta) -
     return problems, who
 
 
+def gpu_seconds(collectives: Callable[[], list[dist.Work]]) -> float:
+    """The GPU time of the NCCL collectives that `collectives` issues, by CUDA events. Not the host's:
+    with TORCH_NCCL_BLOCKING_WAIT the host sleeps a millisecond between looks at each collective."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for work in collectives():  # all issued before the first wait: the GPU runs them back to back
+        work.wait()  # the compute stream waits for it; the host too, for at most the timeout
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def time_all_reduce(nbytes: int, device: str, repeats: int) -> tuple[float, list[int]]:
     """Seconds per all-reduce of `nbytes` (the slowest rank's mean), and the ranks that got a wrong sum."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     tensor = torch.full((nbytes // 4,), float(rank + 1), device=device)
     dist.all_reduce(tensor)  # untimed (it sets up buffers); it sums to 1 + 2 + ... + world_size, unless data is corrupted
     wrong = not bool((tensor == world_size * (world_size + 1) / 2).all())
-    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None  # GPU work is asynchronous
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dist.all_reduce(tensor)
-    sync()
+    if device.startswith("cuda"):
+        seconds = gpu_seconds(lambda: [dist.all_reduce(tensor, async_op=True) for _ in range(repeats)])
+    else:  # gloo: each all-reduce returns when it is done
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dist.all_reduce(tensor)
+        seconds = time.perf_counter() - start
     stats = torch.zeros(1 + world_size, dtype=torch.float64, device=device)
-    stats[0], stats[1 + rank] = (time.perf_counter() - start) / repeats, float(wrong)
+    stats[0], stats[1 + rank] = seconds / repeats, float(wrong)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # a collective is as slow as its slowest rank
     return stats[0].item(), [r for r in range(world_size) if stats[1 + r] > 0]
 
@@ -189,10 +208,18 @@ def connect_and_measure(store: dist.Store, device: str, backend: str, args: argp
     try:
         if device != "cpu":
             torch.cuda.set_device(device)  # NCCL then uses this rank's GPU only
+            # Read when the group is made: a collective that outlasts the timeout then raises here, which
+            # becomes a problem line, instead of NCCL's watchdog ending the process (see the top).
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=args.timeout)
         problems = measure(device, args.repeats)
     except RuntimeError as err:  # the ranks could not connect, or a collective timed out
-        problems = [f"connecting or an all-reduce over {backend} failed: {cli.brief(err)}; check the interfaces above, and firewalls"]
+        if "timed out" in str(err).lower():  # gloo: "Timed out waiting ...ms"; NCCL: "... timed out in blocking wait"
+            waited = f"{args.timeout.total_seconds():g} s (--timeout)"
+            problems = [f"connecting or an all-reduce over {backend} took over {waited}: a rank hangs, or cannot reach the others; "
+                        f"check the interfaces above, and each node's output ({cli.brief(err, limit=120)})"]  # fmt: skip
+        else:
+            problems = [f"connecting or an all-reduce over {backend} failed: {cli.brief(err)}; check the interfaces above, and firewalls"]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
