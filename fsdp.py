@@ -115,7 +115,7 @@ class Trainer:
         for buffer in self.model.buffers():  # rank 0's for all, as with DDP: one model is evaluated, and saved
             dist.broadcast(buffer, src=0)
         # FSDP's forward is collective (each block all-gathers its weights): a rank with fewer batches runs empty ones.
-        forwards = torch.tensor(len(self.val_data), device=self.device)
+        forwards = torch.full((), len(self.val_data), device=self.device)  # made on the device: no copy from the host
         dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
         sums = datautils.evaluate(self.model, self.val_data, self.device, forwards=int(forwards))
         dist.all_reduce(sums)  # the sums of all shards: every held-out sample counted exactly once

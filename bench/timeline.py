@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # report.py, datautils.py and launch.py live at the top level
+sys.path.insert(0, str(REPO))  # the repository root holds datautils.py and support/
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -81,7 +81,7 @@ def stepper(bucket_cap_mb: float | None, batch_size: int) -> Callable[[bool], di
     StepTimer's split of that step (ms)."""
     train_set, _, model, optimizer = datautils.load_train_objs(datautils.Workload("images", "fake"))  # seeded: the same weights on every rank
     source, targets = next(iter(torch.utils.data.DataLoader(train_set, batch_size=batch_size)))  # one batch, reused: no data loading in the picture
-    model = DDP(model, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)  # as in steps 3-4
+    model = DDP(model, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)  # one copy of the gradients: the buckets
     timer = StepTimer(model, optimizer, "cpu")
 
     def step(sync: bool) -> dict[str, float]:
