@@ -5,7 +5,7 @@
 
 Settings come from gpt2_train_cfg.yaml (plain YAML, no Hydra, checked in mingpt/config.py); any
 of them can be overridden on the command line as section.key=value. After training, rank 0
-prints a sample of text.
+prints a sample of text; mingpt/sample.py samples a saved snapshot without training.
 """
 
 from __future__ import annotations
@@ -112,5 +112,6 @@ if __name__ == "__main__":
     except ConfigError as err:
         cli.fail(str(err))
     launch.torchrun_worker("cuda" if torch.cuda.is_available() else "cpu", USAGE)
-    snapshots.check_writable_folder(configs.trainer.snapshot_path)
+    for path in filter(None, (configs.trainer.snapshot_path, configs.trainer.best_snapshot_path)):
+        snapshots.check_writable_folder(path)
     main(configs)
