@@ -302,6 +302,11 @@ def test_killed_after_the_best_and_restarted_it_keeps_the_same_best_and_stops_at
     assert (best["GLOBAL_STEP"], best["BEST_LOSS"]) == (reference["GLOBAL_STEP"], reference["BEST_LOSS"])
     assert same_tensors(best["MODEL_STATE"], reference["MODEL_STATE"]), "the best snapshot differs from the uninterrupted run's"
     assert same_tensors(snapshot_tensors(tmp_path / "gpt_snapshot.pt"), snapshot_tensors(early_stopped / "gpt_snapshot.pt"))
+    # Requeued once more, the job that stopped trains nothing, and leaves its files as they are.
+    files = {name: (tmp_path / name).read_bytes() for name in ("gpt_best.pt", "gpt_snapshot.pt")}
+    again = run(gpt_cmd(tmp_path), tmp_path)
+    assert again.returncode == 0 and "Nothing to train: this run stopped early" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert files == {name: (tmp_path / name).read_bytes() for name in files}
 
 
 def test_sharded_best_made_one_file_is_sampled_and_predicts_its_loss(tmp_path):
