@@ -28,12 +28,17 @@ from mingpt.model import GPT  # noqa: E402
 
 
 def load_gpt(path: str, device: str) -> tuple[GPT, dict[str, Any]]:
-    """The GPT a snapshot holds, in eval mode on `device`, and the whole snapshot (its VOCAB, CONFIG, ...).
+    """The GPT a snapshot file holds, in eval mode on `device`, and the whole snapshot (its VOCAB, CONFIG, ...).
     Anything else ends the program with one line."""
     try:
         weights, saved = snapshots.read_weights(path)
     except snapshots.SnapshotError as err:
         cli.fail(str(err))
+    return build_gpt(path, weights, saved).to(device), saved
+
+
+def build_gpt(path: str, weights: dict[str, torch.Tensor], saved: dict[str, Any]) -> GPT:
+    """The GPT of a snapshot read by snapshots.read_weights, rebuilt from its CONFIG, in eval mode on the CPU."""
     if "VOCAB" not in saved or "CONFIG" not in saved:
         cli.fail(f"{path} is no minGPT snapshot (it has no VOCAB and CONFIG); pass gpt_snapshot.pt, a best snapshot or a converted FSDP one")
     try:
@@ -41,7 +46,7 @@ def load_gpt(path: str, device: str) -> tuple[GPT, dict[str, Any]]:
         model.load_state_dict(weights)
     except (TypeError, KeyError, AssertionError, RuntimeError) as err:  # a CONFIG or weights of another version of this GPT
         cli.fail(f"{path} does not hold a GPT of this code ({cli.brief(err)}); sample it with the code that trained it")
-    return model.to(device).eval(), saved
+    return model.eval()
 
 
 def positive_float(text: str) -> float:

@@ -55,9 +55,9 @@ def check_values(folder: str) -> None:
     values = {key: None for key, item in metadata.state_dict_metadata.items() if isinstance(item, BytesStorageMetadata)}
     planner = snapshots.weights_only_load_planner()
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        with warnings.catch_warnings():  # without a process group: "assuming the intent is to load in a single process", as it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(values, checkpoint_id=folder, planner=planner, no_dist=True)
+            dcp.load(values, checkpoint_id=folder, planner=planner)
     except dcp.CheckpointException as err:
         if planner.refused:
             cli.fail(f"{folder} holds {planner.refused}, a pickle that could run code when loaded, so it was not converted")
@@ -76,8 +76,7 @@ def convert(path: str, output: str) -> None:
             cli.fail(f"{folder} is not a readable snapshot ({cli.brief(err)})")
         model = torch.load(whole, map_location="cpu", weights_only=True)["MODEL_STATE"]
     snapshots.atomic_save({"MODEL_STATE": model, **values}, output)
-    megabytes = sum(tensor.numel() * tensor.element_size() for tensor in model.values()) / 2**20
-    print(f"{folder} -> {output}: the model, {len(model)} tensors, {megabytes:.1f} MiB", flush=True)
+    print(f"{folder} -> {output}: the model, {len(model)} tensors of {sum(tensor.numel() for tensor in model.values()):,} numbers", flush=True)
 
 
 if __name__ == "__main__":

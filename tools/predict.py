@@ -62,14 +62,14 @@ def predict_step(path: str, weights: dict[str, torch.Tensor], args: argparse.Nam
             print(f"  predicted {output.item():.6f}, target {target.item():.6f}")
 
 
-def predict_gpt(path: str, saved: dict[str, Any], args: argparse.Namespace, device: str) -> None:
+def predict_gpt(path: str, weights: dict[str, torch.Tensor], saved: dict[str, Any], args: argparse.Namespace, device: str) -> None:
     """A minGPT snapshot: the test loss as the training's epoch line printed it, and one window's next characters."""
     from mingpt.char_dataset import DataError, cached_path, decode, is_url, read_text, split_datasets
     from mingpt.config import DataConfig
-    from mingpt.sample import load_gpt
+    from mingpt.sample import build_gpt
     from mingpt.trainer import autocast_dtype
 
-    model, _ = load_gpt(path, device)
+    model = build_gpt(path, weights, saved).to(device)
     config, trainer = DataConfig(**saved["CONFIG"]["data_config"]), saved["CONFIG"]["trainer_config"]
     config.path = args.data_path or config.path
     text = cached_path(config) if is_url(config.path) else Path(config.path)  # a download is kept in data/, where training ran
@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> None:
         except snapshots.SnapshotError as err:
             cli.fail(str(err))
         if "VOCAB" in saved and "CONFIG" in saved:
-            predict_gpt(path, saved, args, device)
+            predict_gpt(path, weights, saved, args, device)
         else:
             predict_step(path, weights, args, device)
 
