@@ -51,21 +51,19 @@ def one_error_line(result, says: str) -> str:
 
 # ---------------------------------------------------------------- steps 1-4 and 6, one epoch each
 
-STEP_RUNS = {  # folder: the command, run there
-    "single": lambda: python_cmd("single_gpu.py", "1", "1"),
-    "spawn": lambda: python_cmd("multigpu.py", "1", "1"),
-    "torchrun": lambda: torchrun_cmd("multigpu_torchrun.py", "1", "1"),
-    "fsdp": lambda: torchrun_cmd("fsdp.py", "1", "1"),
-}
-
 
 @pytest.fixture(scope="module")
 def step_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """One epoch of steps 1, 2, 3 and 6, and of step 4 on two agents as two nodes, all at once: folder and output of each."""
     root = tmp_path_factory.mktemp("steps")
     port, rdzv_id = free_port(), uuid.uuid4().hex[:8]
-    commands = {name: command() for name, command in STEP_RUNS.items()}
-    commands.update({node: multinode_cmd(port, rdzv_id, "1", "1", max_restarts=0) for node in ("node0", "node1")})
+    commands = {
+        "single": python_cmd("single_gpu.py", "1", "1"),
+        "spawn": python_cmd("multigpu.py", "1", "1"),
+        "torchrun": torchrun_cmd("multigpu_torchrun.py", "1", "1"),
+        "fsdp": torchrun_cmd("fsdp.py", "1", "1"),
+        **{node: multinode_cmd(port, rdzv_id, "1", "1", max_restarts=0) for node in ("node0", "node1")},
+    }
     jobs = {}
     try:
         for name, command in commands.items():
