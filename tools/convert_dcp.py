@@ -74,7 +74,9 @@ def convert(path: str, output: str) -> None:
             dcp_to_torch_save(folder, whole)
         except Exception as err:  # a shard missing or damaged: DCP's CheckpointException, or the reader's own error
             cli.fail(f"{folder} is not a readable snapshot ({cli.brief(err)})")
-        model = torch.load(whole, map_location="cpu", weights_only=True)["MODEL_STATE"]
+        model = torch.load(whole, map_location="cpu", weights_only=True).get("MODEL_STATE")
+    if not model:
+        cli.fail(f"{folder} holds no MODEL_STATE: not a snapshot fsdp.py or minGPT wrote")
     snapshots.atomic_save({"MODEL_STATE": model, **values}, output)
     print(f"{folder} -> {output}: the model, {len(model)} tensors of {sum(tensor.numel() for tensor in model.values()):,} numbers", flush=True)
 
