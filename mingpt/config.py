@@ -91,6 +91,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     snapshot_path: str = "gpt_snapshot.pt"
     save_every: int = 3  # epochs
+    eval_every: int = 0  # optimizer steps between test-loss evaluations within an epoch; 0: at each epoch's end only
+    best_snapshot_path: str = ""  # keep the model of the lowest test loss here (fsdp: a folder, as snapshot_path); empty: not kept
+    patience: int = 0  # stop after this many evaluations in a row without a lower test loss; 0: never stop early
     log_every: int = 10  # optimizer steps
     metrics_path: str = "gpt_metrics.jsonl"  # one JSON object per log line, appended
     tensorboard_dir: str = ""  # write TensorBoard scalars here (rank 0); empty: none
@@ -107,6 +110,12 @@ class TrainerConfig:
         )
         require(
             self.precision in ("auto", "bf16", "fp16", "fp32"), f"trainer_config.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"
+        )
+        require(self.eval_every >= 0, f"trainer_config.eval_every must be at least 0, got {self.eval_every}")
+        require(self.patience >= 0, f"trainer_config.patience must be at least 0, got {self.patience}")
+        require(
+            not self.best_snapshot_path or self.best_snapshot_path != self.snapshot_path,
+            f"trainer_config.best_snapshot_path must differ from snapshot_path ({self.snapshot_path}): the latest would overwrite the best",
         )
         require(self.timeout >= 0, f"trainer_config.timeout must be at least 0, got {self.timeout}")
         require(self.strategy in ("ddp", "fsdp"), f"trainer_config.strategy must be ddp or fsdp, got {self.strategy!r}")

@@ -5,7 +5,7 @@
 
 Settings come from gpt2_train_cfg.yaml (plain YAML, no Hydra, checked in mingpt/config.py); any
 of them can be overridden on the command line as section.key=value. After training, rank 0
-prints a sample of text.
+prints a sample of text; mingpt/sample.py samples a saved snapshot without training.
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository root holds mingpt/ and the shared modules
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository root holds mingpt/, datautils.py and support/
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed import destroy_process_group, init_process_group  # noqa: E402
 
-from support import cli  # noqa: E402
 import datautils  # noqa: E402
-from support import launch  # noqa: E402
 from mingpt.char_dataset import CharDataset, DataError, decode, download, is_url, read_text, split_datasets, vocabulary  # noqa: E402
 from mingpt.config import DEFAULT_CONFIG, Configs, ConfigError, load_config, settings_help  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
 from mingpt.trainer import Trainer, batch_plan, saved_snapshot, shard  # noqa: E402
+from support import cli, launch, snapshots  # noqa: E402
 
 USAGE = "torchrun --standalone --nproc_per_node=gpu mingpt/main.py (on CPU: --nproc_per_node=2)"
 
@@ -104,4 +103,6 @@ if __name__ == "__main__":
     except ConfigError as err:
         cli.fail(str(err))
     launch.torchrun_worker("cuda" if torch.cuda.is_available() else "cpu", USAGE, configs.trainer.snapshot_path)
+    if configs.trainer.best_snapshot_path:
+        snapshots.check_writable_folder(configs.trainer.best_snapshot_path)
     main(configs)

@@ -149,6 +149,13 @@ class RunReport:
         self._write({"epoch": epoch + 1, "global_step": global_step, "test_loss": test_loss})
         self.tensorboard.scalars(global_step, {"loss/test": test_loss})
 
+    def evaluation(self, epoch: int, step: int, steps: int, global_step: int, test_loss: float) -> None:
+        """A test loss within an epoch (trainer_config.eval_every). Call it on every rank: each restarts its step timer."""
+        self.timer.split()  # an evaluation is no training step: the next tokens/s start after it
+        self.log(f"epoch {epoch + 1} | step {step}/{steps} | test loss {test_loss:.4f}")
+        self._write({"epoch": epoch + 1, "step": step, "global_step": global_step, "test_loss": test_loss})
+        self.tensorboard.scalars(global_step, {"loss/test": test_loss})
+
     def _write(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(json.dumps({"time": time.time(), **record}) + "\n")

@@ -8,6 +8,11 @@ processes, and the snapshot records the position as windows of the order done: a
 number of processes continues with exactly the windows not yet trained. With the same number of
 processes it also restores every rank's random state, and on CPU ends bit-identical to a run
 that was never interrupted.
+
+Each evaluation of the test loss (at each epoch's end, and every `eval_every` steps) may keep the
+model as the best (`best_snapshot_path`) and may stop the job early (`patience`). Every rank holds
+the same all-reduced loss, so all decide alike and stop at the same step; the best loss and the
+evaluations since are in the snapshot, so a resumed job decides as one never interrupted.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from mingpt.report import RunReport
 WINDOW_LOG = os.environ.get("MINGPT_WINDOW_LOG")  # a folder: each rank records the windows it trains (for tests)
 SNAPSHOT_KEYS = (
     "MODEL_STATE", "OPTIMIZER_STATE", "SCALER_STATE", "SCHEDULER_STATE", "EPOCHS_RUN", "WINDOWS_DONE",
-    "GLOBAL_STEP", "RNG_STATES", "VOCAB", "CONFIG",
+    "GLOBAL_STEP", "RNG_STATES", "VOCAB", "CONFIG", "BEST_LOSS", "EVALS_SINCE_BEST",
 )  # fmt: skip
 SMALL_KEYS = tuple(key for key in SNAPSHOT_KEYS if key not in snapshots.SHARDED_KEYS)  # fsdp: in the pointer file
 
@@ -196,8 +201,13 @@ class Trainer:
         self.epochs_run = 0
         self.windows_done = 0  # of the current epoch's order, by all processes
         self.global_step = 0  # optimizer steps since the start of training
-        # ddp: each node's local rank 0 writes the node's copy; fsdp: every rank writes its shards.
+        # The lowest test loss so far, and the evaluations since: in the snapshot, so a resumed job decides as one never stopped.
+        self.best_loss = math.inf
+        self.evals_since_best = 0
+        # ddp: each node's local rank 0 writes the node's copy (of the best model too); fsdp: every rank writes its shards.
         self.writes_snapshot = self.fsdp or self.local_rank == 0
+        if config.best_snapshot_path and self.fsdp:
+            snapshots.check_shared_folder(config.best_snapshot_path)
         self.report = RunReport(config, device, model.flops_per_token(), self.global_batch * train_set.block_size, self.precision)
         if precision_note:
             self.report.log(precision_note)
@@ -232,6 +242,7 @@ class Trainer:
         self.scaler.load_state_dict(snapshot["SCALER_STATE"])
         self.scheduler.load_state_dict(snapshot["SCHEDULER_STATE"])
         self.epochs_run, self.windows_done, self.global_step = snapshot["EPOCHS_RUN"], snapshot["WINDOWS_DONE"], snapshot["GLOBAL_STEP"]
+        self.best_loss, self.evals_since_best = snapshot["BEST_LOSS"], snapshot["EVALS_SINCE_BEST"]
         rng_states = snapshot["RNG_STATES"]
         self.report.log(f"Resuming training from {path}: {self.progress()} done")
         if self.windows_done % self.global_batch:
@@ -265,18 +276,71 @@ class Trainer:
             "WINDOWS_DONE": self.windows_done,  # of the next epoch's order, by all processes together
             "GLOBAL_STEP": self.global_step,
             "RNG_STATES": rng_states,
+            "BEST_LOSS": self.best_loss,
+            "EVALS_SINCE_BEST": self.evals_since_best,
             **self.extra_state,
         }
-        if self.fsdp:  # every rank its shards, into a new folder; then rank 0 points to it (as fsdp.py does)
-            with snapshots.published_when_complete(self.config.snapshot_path, f"step-{self.global_step:08d}", snapshot) as folder:
-                dcp.save({key: snapshot[key] for key in snapshots.SHARDED_KEYS}, checkpoint_id=folder)
-        else:
-            snapshots.atomic_save(snapshot, self.config.snapshot_path)
+        self._write(snapshot, self.config.snapshot_path)
         self.report.log(f"Training snapshot saved at {self.config.snapshot_path}: {self.progress()} done")
+
+    def _write(self, snapshot: dict[str, Any], path: str) -> None:
+        """ddp: atomically, by each node's local rank 0 (a copy per node); fsdp, collective: every rank writes
+        its shards into a new folder, then rank 0 points the folder's latest.pt to it (as fsdp.py does)."""
+        if self.fsdp:
+            with snapshots.published_when_complete(path, f"step-{self.global_step:08d}", snapshot) as folder:
+                dcp.save({key: snapshot[key] for key in snapshots.SHARDED_KEYS if key in snapshot}, checkpoint_id=folder)
+        elif self.writes_snapshot:
+            snapshots.atomic_save(snapshot, path)
 
     def progress(self) -> str:
         """Epochs and windows done, as the snapshot lines say it."""
         return f"{cli.plural(self.epochs_run, 'epoch')} + {self.windows_done:,} windows"
+
+    def _save_best(self) -> None:
+        """Collective with fsdp: the model of the lowest test loss, atomically, beside the latest snapshot.
+
+        The model alone, with what sampling needs (VOCAB, CONFIG) and its loss: it is for use, not for
+        resuming, so it has no optimizer state. ddp: each node's local rank 0 writes a copy, as for the
+        latest snapshot; fsdp: every rank writes its shards into a new folder, then rank 0 points to it.
+        """
+        path = self.config.best_snapshot_path
+        best = {
+            "MODEL_STATE": get_model_state_dict(self.raw_model) if self.fsdp else self.raw_model.state_dict(),
+            "BEST_LOSS": self.best_loss,
+            "GLOBAL_STEP": self.global_step,
+            "EPOCHS_RUN": self.epochs_run,
+            "WINDOWS_DONE": self.windows_done,
+            **self.extra_state,
+        }
+        self._write(best, path)
+        self.report.log(f"New best test loss {self.best_loss:.4f} at step {self.global_step}: saved at {path}")
+
+    def _judge(self, test_loss: float) -> bool:
+        """After each evaluation: keep the best model; True when the job should stop early.
+
+        `test_loss` is the mean over the whole test set, from the sums all ranks all-reduced: every rank
+        holds the same number, so every rank takes the same decision here without another collective,
+        and all stop at the same step. A decision from a rank's own share of the test set, or taken on
+        rank 0 alone, would leave the other ranks waiting in the next step's all-reduce.
+        """
+        if test_loss < self.best_loss:
+            self.best_loss, self.evals_since_best = test_loss, 0
+            if self.config.best_snapshot_path:
+                self._save_best()
+        else:
+            self.evals_since_best += 1
+        return self._out_of_patience()
+
+    def _out_of_patience(self) -> bool:
+        return self.config.patience > 0 and self.evals_since_best >= self.config.patience
+
+    def _stop_early(self) -> None:
+        """Save where the job stopped (a new run of it then trains nothing), and say why."""
+        self._save_snapshot()
+        self.report.log(
+            f"Stopping early at step {self.global_step}: {self.evals_since_best} evaluations without a test loss "
+            f"below {self.best_loss:.4f} (trainer_config.patience={self.config.patience})"
+        )
 
     # ------------------------------------------------------------------ training
 
@@ -331,7 +395,8 @@ class Trainer:
         with open(os.path.join(WINDOW_LOG, f"rank{self.global_rank}.txt"), "a") as record:
             record.write(f"{epoch} " + " ".join(str(i) for i in torch.cat(micro_batches).tolist()) + "\n")
 
-    def _run_epoch(self, epoch: int) -> None:
+    def _run_epoch(self, epoch: int) -> bool:
+        """Train the rest of `epoch`; True if an evaluation within it (trainer_config.eval_every) stopped the job early."""
         micro_batches = self._micro_batches(epoch)
         step_loss = torch.zeros((), device=self.device)  # mean over the step's micro-batches, on the device
         for micro_step, (source, targets) in enumerate(self.report.timed(self._loader(micro_batches)), start=1):
@@ -350,6 +415,14 @@ class Trainer:
             if step % self.config.log_every == 0 or step == self.steps_per_epoch:
                 self.report.step(epoch, step, self.steps_per_epoch, self.global_step, step_loss, grad_norm, lr)
             step_loss.zero_()
+            # Evaluated before a stop request is heeded: a job resumed after this step has had this evaluation.
+            # Not at the epoch's last step: the epoch's own evaluation follows.
+            if self.config.eval_every and self.global_step % self.config.eval_every == 0 and step < self.steps_per_epoch:
+                test_loss = self._evaluate()
+                self.report.evaluation(epoch, step, self.steps_per_epoch, self.global_step, test_loss)
+                if self._judge(test_loss):
+                    self._stop_early()
+                    return True
             signum = self.stop.agreed()
             if signum:
                 self._save_snapshot()
@@ -358,6 +431,7 @@ class Trainer:
                 self.report.log(f"Stopping on {signal.Signals(signum).name}")
                 # A warning (SIGUSR1) ends the job: exit 0. SIGTERM is a failure, which torchrun may restart.
                 raise SystemExit(0 if signum == signal.SIGUSR1 else 128 + signum)
+        return False
 
     @torch.no_grad()
     def _evaluate(self) -> float:
@@ -388,11 +462,19 @@ class Trainer:
             f"Global batch {self.global_batch} windows = {cli.plural(self.world_size, 'process', 'processes')} x "
             f"{cli.plural(self.accum, 'micro-batch', 'micro-batches')} of {self.micro_batch}; {self.steps_per_epoch} steps per epoch"
         )
+        if self._out_of_patience():  # resumed from the snapshot of an early stop
+            self.report.log(f"Nothing to train: this run stopped early; a larger trainer_config.patience than {self.config.patience} continues it")
+            self.report.close()
+            return
         for epoch in range(self.epochs_run, self.config.max_epochs):
-            self._run_epoch(epoch)
+            if self._run_epoch(epoch):
+                break
             test_loss = self._evaluate()
             self.epochs_run, self.windows_done = epoch + 1, 0
             self.report.epoch(epoch, self.global_step, test_loss)
+            if self._judge(test_loss):
+                self._stop_early()
+                break
             if self.epochs_run % self.config.save_every == 0 or self.epochs_run == self.config.max_epochs:
                 self._save_snapshot()
         self.report.close()

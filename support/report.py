@@ -119,6 +119,11 @@ def advice(split: dict[str, float], data_fix: str, batch_setting: str) -> str | 
     )
 
 
+def format_metrics(val: dict[str, float]) -> str:
+    """Validation metrics as the epoch line shows them (tools/predict.py too): "val loss 0.047001 | val accuracy 61.2%"."""
+    return " | ".join(f"{name} {value:.1%}" if "accuracy" in name else f"{name} {value:.6f}" for name, value in val.items())
+
+
 class TensorBoard:
     """Scalars for TensorBoard, written by one process, one continuous curve per tag across restarts.
 
@@ -165,7 +170,7 @@ class Report:
         split = self.timer.split()
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         batch = f"Batchsize: {batch_size}" + (f" x {cli.plural(ranks, 'rank')}" if dist.is_initialized() else "")
-        values = " | ".join(f"{name} {value:.1%}" if "accuracy" in name else f"{name} {value:.6f}" for name, value in val.items())
+        values = format_metrics(val)
         print(
             f"[{self.device}] Epoch {epoch + 1}/{max_epochs} | {batch} | Steps: {split['steps']} | loss {loss:.6f} | {values} | "
             f"{split['total']:.3f}s: {describe(split)}",

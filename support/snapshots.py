@@ -403,3 +403,34 @@ def weights_only_load_planner() -> Any:
             super().load_bytes(read_item, value)
 
     return WeightsOnlyLoadPlanner()
+
+
+# What wrapping a model adds to the names of its weights: DDP (and DataParallel) `module.`, torch.compile `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """For use, not for resuming: the model's weights in a file the series saved, and the whole file, onto the CPU.
+
+    A bare state_dict (steps 1-2), or a snapshot's MODEL_STATE (steps 3-4 and any node's copy, minGPT's, an FSDP
+    snapshot made one file by tools/convert_dcp.py). Read as `read_or_raise` reads, with `weights_only=True` and
+    the same messages, less their advice to start afresh, which is for training. The names lose the prefixes of
+    wrappers (DDP's, torch.compile's, in any order), taken off only when every name has one: a model's own
+    submodule called `module` keeps its name.
+    """
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    if os.path.isdir(path):
+        raise SnapshotError(f"{path} is a folder of sharded (FSDP) snapshots; make it one file first: python tools/convert_dcp.py {path} model.pt")
+    if not os.path.exists(path):
+        raise SnapshotError(f"{path} not found; pass a file a training run saved (checkpoint.pt, snapshot.pt, gpt_snapshot.pt, ...)")
+    try:
+        saved = read_or_raise(path, "cpu", required_keys=())
+    except SnapshotError as err:
+        raise SnapshotError(str(err).removesuffix(f"; {start_afresh(path)}").replace(" (expected keys )", "")) from None
+    weights = saved.get("MODEL_STATE", saved)
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(value) for value in weights.values()):
+        raise SnapshotError(f"{path} holds no model weights: neither a state_dict nor a snapshot with MODEL_STATE")
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in weights)), None):
+        consume_prefix_in_state_dict_if_present(weights, prefix)
+    return weights, saved
