@@ -10,7 +10,6 @@ bench/results/mingpt_<device>.md (or --out). bench/gpu_check.sh runs the GPU cas
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -25,6 +24,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the repository root holds support/
+from mingpt.config import TINY_SHAKESPEARE_URL  # noqa: E402
+from support import cli  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 
 EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?((?:\w+\.)*\w+(?:Error|Exception): \S.*)")  # not torchrun's empty ChildFailedError
@@ -89,7 +92,7 @@ def device_slug(device: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a local text file to train on (e.g. Tiny Shakespeare)")
     parser.add_argument(
         "--cases",
@@ -103,6 +106,8 @@ def main() -> int:
         "--extra", nargs="+", default=[], metavar="section.key=value", help="overrides added to every case, last (e.g. tiny shapes for a smoke run)"
     )
     args = parser.parse_args()
+    if not Path(args.data).is_file():
+        cli.fail(f"--data {args.data}: no such file; download Tiny Shakespeare ({TINY_SHAKESPEARE_URL}) there, or pass another text")
 
     on_gpu = torch.cuda.is_available()
     cases = args.cases or (["default", "default+compile", "default+fsdp", "gpt2-small+compile"] if on_gpu else ["cpu-small"])
