@@ -176,7 +176,9 @@ def evaluate(model: torch.nn.Module, data: Any, device: str, forwards: int | Non
         batch = [loss_fn(output, targets, reduction="sum"), torch.full((), len(targets), device=device)]
         if targets.dtype == torch.long:
             batch.append((output.argmax(dim=1) == targets).sum())
-        sums = torch.stack([value.double() for value in batch]) + (0 if sums is None else sums)
+        # float64 keeps the sums exact enough to add across processes; Apple's MPS has none, so float32 there
+        exact = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        sums = torch.stack([value.to(exact) for value in batch]) + (0 if sums is None else sums)
     model.train(was_training)
     return sums
 

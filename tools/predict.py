@@ -35,7 +35,7 @@ SHOWN = 3  # predictions printed beside their targets
 @functools.cache
 def held_out(workload: str, data_dir: str) -> tuple[Dataset, torch.nn.Module]:
     """The validation set and a fresh model of the steps' workload (the same for every file of one call)."""
-    _, val_set, model, _ = datautils.load_train_objs(workload, data_dir)
+    _, val_set, model, _ = datautils.load_train_objs(datautils.Workload(workload, data_dir))
     return val_set, model
 
 
@@ -67,7 +67,7 @@ def predict_gpt(path: str, weights: dict[str, torch.Tensor], saved: dict[str, An
     from mingpt.char_dataset import DataError, cached_path, decode, is_url, read_text, split_datasets
     from mingpt.config import DataConfig
     from mingpt.sample import build_gpt
-    from mingpt.trainer import autocast_dtype
+    from mingpt.trainer import DTYPES, chosen_precision, compute_capability
 
     model = build_gpt(path, weights, saved).to(device)
     config, trainer = DataConfig(**saved["CONFIG"]["data_config"]), saved["CONFIG"]["trainer_config"]
@@ -80,7 +80,8 @@ def predict_gpt(path: str, weights: dict[str, torch.Tensor], saved: dict[str, An
         _, test_set = split_datasets(read_text(config), saved["VOCAB"], config)
     except DataError as err:
         cli.fail(f"{config.path} is not the text {path} was trained on ({err})")
-    dtype = autocast_dtype(trainer["precision"], torch.device(device).type)  # as the training evaluated
+    # As the training evaluated: in the precision it chose for this device.
+    dtype = DTYPES[chosen_precision(trainer["precision"], trainer["strategy"], compute_capability(torch.device(device)))[0]]
     total = 0.0
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         for batch in torch.arange(len(test_set)).split(trainer["batch_size"]):
