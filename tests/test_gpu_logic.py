@@ -295,7 +295,8 @@ def gpu_check(tmp_path, *parts: str, **env: str):
 
 
 def test_gpu_check_compile_part_without_a_compiler_says_so_in_one_line(tmp_path):
-    result = gpu_check(tmp_path, "compile", DEVICE="cpu", CXX="/nonexistent/g++")  # Inductor compiles with $CXX, Triton with $CC
+    (tmp_path / "corpus.txt").write_text("a text that is never read: the part stops before it trains\n")
+    result = gpu_check(tmp_path, "compile", DEVICE="cpu", CXX="/nonexistent/g++", DATA=str(tmp_path / "corpus.txt"))  # Inductor: $CXX; Triton: $CC
     says = "compile: not run: torch.compile needs a C++ compiler for Inductor's CPU kernels (g++, or CXX=...), and there is none here\n"
     assert result.returncode == 1 and result.stderr == says, result.stderr[-3000:]
     assert (tmp_path / "results" / "gpu_check_compile_cpu.md").read_text().endswith(says)
