@@ -2,7 +2,8 @@
 another number of processes, refuse what they cannot use, and need storage every node shares.
 
 Real torchrun processes on CPU with gloo; the final states are compared whole, gathered from
-every rank's shards, bit for bit.
+every rank's shards: bit for bit on the same number of processes, to float rounding (as Adam
+amplifies it) across numbers.
 """
 
 import hashlib
