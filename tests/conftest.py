@@ -204,16 +204,64 @@ def resumed_epochs(output: str, snapshot: str = "snapshot.pt") -> int:
     return done
 
 
-def stop_with_sigusr1(cmd: list[str], folder: Path, at: str, local_rank: int = 0, env: dict[str, str] | None = None) -> str:
-    """Start a run, SIGUSR1 one worker once the output matches `at`, wait for the clean stop; return the output."""
-    job = Job(cmd, folder, name=f"stopped{len(list(folder.glob('stopped*.log')))}", env=env)
+def assert_close_to_scale(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, what: str = "") -> float:
+    """Each tensor of `a` within `rtol` of the largest value of `b`'s, its own scale: weights are about 1 where
+    Adam's second moments are 1e-8, and any absolute tolerance would be too tight for one or pass anything in the other.
+    Returns the largest difference found, as a fraction of its tensor's scale."""
+    assert a.keys() == b.keys(), f"{sorted(a.keys() ^ b.keys())} are not in both{what}"
+    worst = 0.0
+    for name in a:
+        difference, scale = float((a[name].double() - b[name].double()).abs().max()), float(b[name].abs().max())
+        assert difference <= rtol * scale, f"{name} differs by {difference:.2e}, {difference / scale:.1e} of its largest value {scale:.2e}{what}"
+        worst = max(worst, difference / scale if scale else 0.0)
+    return worst
+
+
+# ---------------------------------------------------------------- the capstone's stops at a step
+
+STEP_LINE = re.compile(r"^epoch (\d+) \| step (\d+)/(\d+) \|", re.MULTILINE)
+EVERY_STEP = "trainer_config.log_every=1"  # the capstone prints every step: the step a signal came at is known
+
+
+def steps(output: str) -> list[int]:
+    """The optimizer steps, counted from the start of training, of the capstone's step lines in `output`."""
+    return [(int(epoch) - 1) * int(per_epoch) + int(step) for epoch, step, per_epoch in STEP_LINE.findall(output)]
+
+
+def signal_at_a_step(job: Job, at: str, signum: int, local_rank: int = 0) -> tuple[int, int]:
+    """Once the output of a capstone run printing every step matches `at`, send `signum` to one worker.
+
+    Returns the last step printed before the signal was sent, and the last printed after. A stop
+    must save at the first, or at most 2 steps past the second, however fast the machine: rank 0 had
+    not printed the next step when the signal came, so every rank was in it at most (2nd + 1), and a
+    signal that lands inside that step's agreement (an all-reduce) is agreed on in the step after (2nd + 2).
+    """
+    job.wait_for(at)
+    before = steps(job.output())[-1]
+    os.kill(job.worker(local_rank=local_rank), signum)
+    return before, steps(job.output())[-1]
+
+
+def saved_step(snapshot: Path) -> int:
+    """GLOBAL_STEP of a capstone snapshot: a file (ddp), or the pointer of a folder of sharded ones (fsdp)."""
+    from support import snapshots
+
+    return torch.load(snapshot / snapshots.POINTER if snapshot.is_dir() else snapshot, weights_only=True)["GLOBAL_STEP"]
+
+
+def stop_with_sigusr1(cmd: list[str], folder: Path, at: str, snapshot: str, local_rank: int = 0, env: dict[str, str] | None = None) -> str:
+    """Start a capstone run printing every step, SIGUSR1 one worker once the output matches `at`, wait
+    for the clean stop, and check that `snapshot` was saved at the step the signal came (see
+    signal_at_a_step). Returns the output."""
+    job = Job([*cmd, EVERY_STEP], folder, name=f"stopped{len(list(folder.glob('stopped*.log')))}", env=env)
     try:
-        job.wait_for(at)
-        os.kill(job.worker(local_rank=local_rank), signal.SIGUSR1)
+        before, after = signal_at_a_step(job, at, signal.SIGUSR1, local_rank)
         assert job.wait(timeout=120) == 0, job.output()[-3000:]
     finally:
         job.stop()
-    assert "Stopping on SIGUSR1" in job.output()
+    assert "Stopping on SIGUSR1" in job.output(), job.output()[-3000:]
+    saved = saved_step(folder / snapshot)
+    assert before <= saved <= after + 2, f"SIGUSR1 came after step {before}, by step {after + 1}; the snapshot was saved at step {saved}"
     return job.output()
 
 

@@ -9,26 +9,32 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from torch.utils.data import DataLoader
 
 import datautils
-from conftest import RESUME_ARGS, epochs, run, snapshot_tensors, stop_with_sigusr1, torchrun_cmd
+from conftest import RESUME_ARGS, assert_close_to_scale, epochs, run, snapshot_tensors, stop_with_sigusr1, torchrun_cmd
 from support import cli
 from mingpt.config import TrainerConfig
 from mingpt.trainer import batch_plan
 from test_mingpt import TINY_MODEL
 
 
-def assert_close_training(path_a: Path, path_b: Path, rtol: float = 1e-5, atol: float = 1e-7) -> float:
-    """Model and optimizer states equal to float tolerance; returns the largest difference."""
+def assert_close_training(path_a: Path, path_b: Path, rtol: float, optimizer_rtol: float | None = None) -> float:
+    """Model and optimizer states equal within `rtol` (`optimizer_rtol` for the optimizer's) of each tensor's largest
+    value; returns the largest difference, so measured.
+
+    Not to float rounding everywhere: a momentum buffer near convergence is a sum of gradients that cancel
+    (one ulp of the weights moves it by 1e-6, 2.5e-4 of its size, seen in step 4), and Adam turns the rounding
+    noise of a gradient that is 0 in exact arithmetic (the attention keys' bias: softmax ignores a constant)
+    into steps of the learning rate's size (1e-4 of qkv.bias, seen in minGPT)."""
     a, b = snapshot_tensors(path_a), snapshot_tensors(path_b)
-    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"{name} differs between {path_a} and {path_b}")
-    largest = max(float((a[name] - b[name]).abs().max()) for name in a)
-    print(f"largest difference between {path_a.parent.name} and {path_b.parent.name}: {largest:.2e}")
+    assert any(k.startswith("optim.") for k in a)
+    largest = 0.0
+    for part, tolerance in (("model.", rtol), ("optim.", optimizer_rtol or rtol)):
+        mine, theirs = ({k: v for k, v in tensors.items() if k.startswith(part)} for tensors in (a, b))
+        largest = max(largest, assert_close_to_scale(mine, theirs, tolerance, f" between {path_a} and {path_b}"))
+    print(f"largest difference between {path_a.parent.name} and {path_b.parent.name}: {largest:.1e} of its tensor's largest value")
     return largest
 
 
@@ -47,7 +53,7 @@ def test_step4_resumed_on_another_process_count_trains_the_weights_of_one(tmp_pa
     assert f"Resuming training from snapshot.pt: {half[0]} epochs done" in second.stdout
     assert "global batch changed" not in second.stdout  # 1 x 64 and 4 x 16 are the same global batch
     assert [n for n, _ in epochs(second.stdout)] == list(range(int(half[0]) + 1, int(RESUME_ARGS[0]) + 1))
-    assert_close_training(tmp_path / "snapshot.pt", reference_snapshot)
+    assert_close_training(tmp_path / "snapshot.pt", reference_snapshot, rtol=1e-5, optimizer_rtol=1e-3)
 
 
 # ---------------------------------------------------------------- exact evaluation
@@ -118,7 +124,7 @@ def test_mingpt_on_1_or_4_processes_trains_the_weights_of_2(tmp_path, equal_corp
     result = run(gpt_cmd(equal_corpus, nproc), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"= {cli.plural(nproc, 'process', 'processes')} x {cli.plural(accum, 'micro-batch', 'micro-batches')} of 12" in result.stdout
-    assert_close_training(tmp_path / "gpt_snapshot.pt", two_process_run, rtol=1e-4, atol=1e-5)
+    assert_close_training(tmp_path / "gpt_snapshot.pt", two_process_run, rtol=1e-3)
 
 
 def test_mingpt_global_batch_refuses_a_process_count_that_cannot_share_it(capsys):
@@ -135,8 +141,8 @@ def test_mingpt_resumed_mid_epoch_on_2_then_1_then_3_processes_trains_each_windo
     record = tmp_path / "windows"
     record.mkdir()
     env = {"MINGPT_WINDOW_LOG": str(record)}
-    stop_with_sigusr1(gpt_cmd(equal_corpus, 2), tmp_path, r"epoch 1 \| step 15/40", env=env)
-    second = stop_with_sigusr1(gpt_cmd(equal_corpus, 1), tmp_path, r"epoch 2 \| step 15/40", env=env)
+    stop_with_sigusr1(gpt_cmd(equal_corpus, 2), tmp_path, r"epoch 1 \| step 15/40", "gpt_snapshot.pt", env=env)
+    second = stop_with_sigusr1(gpt_cmd(equal_corpus, 1), tmp_path, r"epoch 2 \| step 15/40", "gpt_snapshot.pt", env=env)
     assert "Note: saved by 2 processes, resumed by 1" in second
     last = run(gpt_cmd(equal_corpus, 3), tmp_path, env=env)
     assert last.returncode == 0, last.stderr[-3000:]
@@ -150,4 +156,4 @@ def test_mingpt_resumed_mid_epoch_on_2_then_1_then_3_processes_trains_each_windo
     assert sorted(trained) == [0, 1, 2]
     for epoch, counts in trained.items():
         assert sorted(counts) == list(range(1920)) and set(counts.values()) == {1}, f"epoch {epoch + 1}"
-    assert_close_training(tmp_path / "gpt_snapshot.pt", two_process_run, rtol=1e-4, atol=1e-5)
+    assert_close_training(tmp_path / "gpt_snapshot.pt", two_process_run, rtol=1e-3)

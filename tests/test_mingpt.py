@@ -9,7 +9,6 @@ import functools
 import hashlib
 import http.server
 import json
-import os
 import random
 import signal
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port, python_cmd, run, snapshot_tensors, torchrun_cmd
+from conftest import EVERY_STEP, REPO, free_port, python_cmd, run, signal_at_a_step, snapshot_tensors, steps, torchrun_cmd
 from test_fault_tolerance import tensorboard_scalars
 
 from mingpt import char_dataset
@@ -231,7 +230,7 @@ def test_fp16_clips_the_unscaled_gradient_norm(tmp_path, corpus):
 
 # ---------------------------------------------------------------- exact resume after real kills
 
-RESUME = ["trainer_config.max_epochs=3", "trainer_config.save_every=1", "trainer_config.log_every=10"]
+RESUME = ["trainer_config.max_epochs=3", "trainer_config.save_every=1", EVERY_STEP]
 
 
 @pytest.fixture(scope="module")
@@ -252,14 +251,15 @@ def assert_same_training(path_a: Path, path_b: Path) -> None:
 def test_sigterm_mid_epoch_saves_at_that_step_and_resumes_bit_identical(tmp_path, jobs, corpus, uninterrupted):
     job = jobs(train(corpus, *RESUME, "trainer_config.tensorboard_dir=tb", max_restarts=3), tmp_path)
     job.wait_for(r"Training snapshot saved at gpt_snapshot.pt: 1 epoch")
-    job.wait_for(r"epoch 2 \| step 100/")
-    os.kill(job.worker(local_rank=1), signal.SIGTERM)
+    before, after = signal_at_a_step(job, r"epoch 2 \| step 100/", signal.SIGTERM, local_rank=1)
     assert job.wait(timeout=240) == 0, job.output()[-4000:]
     output = job.output()
     # The worker finished its step, saved exactly there, and the restart resumed from that step.
-    assert "Stopping on SIGTERM" in output
-    assert "Resuming training from gpt_snapshot.pt: 1 epoch + " in output
-    assert "Resuming training from gpt_snapshot.pt: 1 epoch + 0 windows" not in output
+    stopped, restarted = output.split("Stopping on SIGTERM")
+    assert "Resuming training from gpt_snapshot.pt: 1 epoch + " in restarted
+    resumed_at = steps(restarted.split("Resuming training from")[1])[0] - 1
+    assert before <= resumed_at <= after + 2, f"SIGTERM came after step {before}, by step {after + 1}; the restart resumed from step {resumed_at}"
+    assert resumed_at == steps(stopped)[-1], "the snapshot is not of the step the stop finished"
     assert_same_training(tmp_path / "gpt_snapshot.pt", uninterrupted)
     # TensorBoard shows one curve through the restart: the global steps of a run never interrupted, each once.
     expected = [m["global_step"] for m in metrics(uninterrupted.parent) if "loss" in m]

@@ -2,6 +2,7 @@
 
 import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,20 +31,73 @@ def test_dataset_is_learnable_and_identical_on_every_rank():
 
 
 def test_single_gpu_learns_and_saves_a_checkpoint(tmp_path):
-    result = run(python_cmd("single_gpu.py", "50", "10"), tmp_path)
+    # 6 epochs, saved after the 4th and the last: the loss reaches the noise (1e-4) by the 6th, not by the 4th.
+    result = run(python_cmd("single_gpu.py", "6", "4"), tmp_path)
     assert result.returncode == 0, result.stderr
-    assert_learns(result.stdout, 50)
+    assert_learns(result.stdout, 6)
     assert "Batchsize: 32 | Steps: 64 |" in result.stdout  # 2048 samples / 32 on one device
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert set(state) == {"weight", "bias"}
+    # The weights saved were learned: they are the function the data was drawn from, to the noise...
+    truth = true_function()
+    scale = float(truth["weight"].abs().max())
+    for name, value in state.items():
+        error = float((value - truth[name]).abs().max())
+        assert error < 1e-3 * scale, f"saved {name} is {error:.2e} from the data's function (of size {scale:.2f})"
+    # ...and they are the last epoch's: the held-out loss its line printed (to its 6 decimals).
+    _, val_set, model, _ = datautils.load_train_objs()
+    model.load_state_dict(state)
+    saved = datautils.metrics(datautils.evaluate(model, [val_set[range(len(val_set))]], "cpu"))["val loss"]
+    printed = float(re.findall(r"\| val loss ([0-9.]+)", result.stdout)[-1])
+    assert saved == pytest.approx(printed, abs=1e-6), f"the checkpoint's val loss is {saved:.6f}, the last epoch printed {printed}"
 
 
-def test_multigpu_spawns_two_cpu_ranks_that_learn(tmp_path):
-    result = run(python_cmd("multigpu.py", "20", "10"), tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert_learns(result.stdout, 20)
+def true_function() -> dict[str, torch.Tensor]:
+    """The toy's linear function, named as nn.Linear names it: solved exactly from noiseless samples of datautils' own data."""
+    data = datautils.MyTrainDataset(64, noise=0.0)
+    solution = torch.linalg.lstsq(torch.cat([data.inputs, torch.ones(64, 1)], dim=1), data.targets).solution
+    return {"weight": solution[:-1].T, "bias": solution[-1]}
+
+
+SPAWN_EPOCHS = 6  # the loss falls from about 19 to 0.005: learning shows, and the weights are still far from converged
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict[int, tuple[str, Path]]:
+    """multigpu.py on 2 processes x 32 and on 1 process x 64, the same global batch: by process count, the output and the checkpoint."""
+    found = {}
+    for world_size, batch_size in ((2, 32), (1, 64)):
+        folder = tmp_path_factory.mktemp(f"spawned{world_size}")
+        result = run(python_cmd("multigpu.py", str(SPAWN_EPOCHS), "10", "--world_size", str(world_size), "--batch_size", str(batch_size)), folder)
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[world_size] = result.stdout, folder / "checkpoint.pt"
+    return found
+
+
+def test_multigpu_spawns_two_cpu_ranks_that_learn(spawned):
+    output, _ = spawned[2]
+    assert_learns(output, SPAWN_EPOCHS)
     # Each rank sees half the data; only rank 0 prints.
-    assert result.stdout.count("Batchsize: 32 x 2 ranks | Steps: 32") == 20
+    assert output.count("Batchsize: 32 x 2 ranks | Steps: 32") == SPAWN_EPOCHS
+
+
+VALUES = re.compile(r"Epoch (\d+)/\d+ .*\| loss ([0-9.]+) \| val loss ([0-9.]+)")
+
+
+def test_multigpu_ranks_train_one_model_the_weights_of_one_process(spawned):
+    # DDP averages the gradients: 2 x 32 takes the steps of 1 x 64 (DistributedSampler deals each
+    # rank every other sample of the same shuffled order), to float rounding.
+    a, b = (torch.load(spawned[n][1], weights_only=True) for n in (2, 1))
+    assert a.keys() == b.keys()
+    for name in a:
+        difference, scale = float((a[name] - b[name]).abs().max()), float(b[name].abs().max())
+        assert difference <= 1e-5 * scale, f"{name}: rank 0 saved weights {difference:.2e} away from one process's (of size {scale:.2f})"
+    # Rank 0 saved; every rank trained and evaluated its part with its own weights, and the losses
+    # printed are sums over all ranks: they are one process's only if rank 1 held rank 0's weights too.
+    printed = {n: VALUES.findall(output) for n, (output, _) in spawned.items()}
+    assert [int(epoch) for epoch, _, _ in printed[2]] == list(range(1, SPAWN_EPOCHS + 1))
+    for (epoch, *losses), (_, *alone) in zip(printed[2], printed[1], strict=True):
+        assert [float(v) for v in losses] == pytest.approx([float(v) for v in alone], rel=1e-5, abs=2e-6), f"epoch {epoch}: {losses} vs {alone}"
 
 
 # What a step does around its process group, in order: import launch, join, make the model and the
@@ -75,9 +129,10 @@ print(f"gloo threads: {{training}} in training, {{gloo()}} after destroy_process
 """
 
 
-# torch 2.11 keeps FSDP's device mesh somewhere besides the DTensor caches that launch.py empties.
+# torch 2.11 keeps FSDP's device mesh somewhere besides the DTensor caches that launch.py empties: expected
+# to fail there, and only there (no other version was seen to), strictly, so that the mark goes when it passes.
 OLD_TORCH_KEEPS_THE_MESH = pytest.mark.xfail(
-    cli.torch_release(torch.__version__) < (2, 14), reason="torch 2.11 (seen) keeps FSDP's mesh elsewhere; 2.14.1 lets it go"
+    cli.torch_release(torch.__version__) == (2, 11), reason="torch 2.11 keeps FSDP's mesh elsewhere; 2.14.1 lets it go", strict=True
 )
 
 
