@@ -324,17 +324,3 @@ def test_gpu_check_compile_part_without_a_compiler_says_so_in_one_line(tmp_path)
 def test_gpu_check_started_wrong_says_so_in_one_line(tmp_path, parts, env, says):
     result = gpu_check(tmp_path, *parts, **env)
     assert result.returncode == 1 and result.stderr == says, result.stderr[-3000:]
-
-
-def test_gpu_check_mingpt_part_smoke_runs_on_cpu_and_writes_its_table(tmp_path):
-    from test_mingpt import make_corpus
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(make_corpus(400_000))  # the smoke run trains on 0.5% of it: 2,000 characters
-    result = gpu_check(tmp_path, "mingpt", DEVICE="cpu", DATA=str(corpus))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = (tmp_path / "results" / "gpu_check_mingpt_cpu.md").read_text()
-    assert table.startswith("gpu_check mingpt on CPU, ") and "minGPT throughput on CPU" in table
-    rows = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in table.splitlines() if row.startswith("| default")}
-    assert sorted(rows) == ["default", "default+fsdp"] and all(float(tokens.replace(",", "")) > 0 for tokens in rows.values()), table
-    assert "| default |" in result.stdout and (tmp_path / "results" / "gpu_check_mingpt_cpu.log").exists()
