@@ -336,7 +336,10 @@ def checked_dcp_load(folder: str, path: str) -> Iterator[Any]:
     line, and is left untouched."""
     import torch.distributed.checkpoint as dcp
 
-    check_metadata(folder, path)
+    try:
+        check_metadata(folder, path)
+    except SnapshotError as err:
+        cli.fail(str(err))
     planner = weights_only_load_planner()
     try:
         yield planner
@@ -356,7 +359,7 @@ def raise_exit(err: Any) -> None:
 
 
 def check_metadata(folder: str, path: str) -> None:
-    """Fail unless `folder`/.metadata unpickles to DCP's metadata alone.
+    """Raise a SnapshotError unless `folder`/.metadata unpickles to DCP's metadata alone.
 
     dcp.load unpickles it with no restriction: a planted one could run code. So it is first read
     with an unpickler that knows only the classes DCP's metadata is made of.
@@ -376,10 +379,10 @@ def check_metadata(folder: str, path: str) -> None:
     try:
         with open(os.path.join(folder, ".metadata"), "rb") as file:
             Restricted(file).load()
-    except SnapshotError as err:
-        cli.fail(str(err))
+    except SnapshotError:
+        raise
     except Exception as err:  # missing, truncated, not a pickle
-        cli.fail(f"{folder} is not a readable snapshot ({cli.brief(err)}); {start_afresh(path)}")
+        raise SnapshotError(f"{folder} is not a readable snapshot ({cli.brief(err)}); {start_afresh(path)}") from None
 
 
 def weights_only_load_planner() -> Any:

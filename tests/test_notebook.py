@@ -190,7 +190,7 @@ def test_capstone_trains(executed):
         pytest.skip("needs the Tiny Shakespeare text: put it at ../shared/data/tinyshakespeare.txt")
     assert "2 ranks on cpu" in output and "2 processes x 1 micro-batch of 16" in output, output[-3000:]
     assert re.search(r"Epoch 1/1 \| test loss \d", output), output[-3000:]
-    assert "Snapshot saved at gpt_snapshot.pt" in output
+    assert "Training snapshot saved at gpt_snapshot.pt" in output
 
 
 def test_ends_with_the_scaling_table_of_this_machine(executed):

@@ -66,7 +66,10 @@ def check_values(folder: str) -> None:
 
 def convert(path: str, output: str) -> None:
     folder, values = newest_folder(path)
-    snapshots.check_metadata(folder, path)  # its .metadata is unpickled without restriction by DCP: refuse a planted one first
+    try:  # its .metadata is unpickled without restriction by DCP: refuse a planted one first
+        snapshots.check_metadata(folder, path)
+    except snapshots.SnapshotError as err:  # said without the advice for a resume: this folder is only read
+        cli.fail(str(err).removesuffix(f"; {snapshots.start_afresh(path)}"))
     check_values(folder)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output))) as scratch:
         whole = os.path.join(scratch, "whole.pt")
