@@ -182,7 +182,8 @@ def end_on_sigterm_when_stuck() -> None:
     only when the main thread gets back to Python code; blocked in a store wait or a collective,
     it never does, and torchrun waits 30 s before it sends SIGKILL. So a thread watches the
     signals arriving (signal.set_wakeup_fd) and ends the process SIGTERM_GRACE_S after a SIGTERM,
-    if the handler has not ended it by then.
+    if the handler has not ended it by then. Before the process group exists there is no step or
+    snapshot to finish (a rank waiting to meet a peer that already failed): one second is enough.
     """
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
@@ -191,7 +192,7 @@ def end_on_sigterm_when_stuck() -> None:
     def watch() -> None:
         while signal.SIGTERM not in os.read(read_end, 64):
             pass
-        time.sleep(SIGTERM_GRACE_S)
+        time.sleep(SIGTERM_GRACE_S if dist.is_initialized() else 1)
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="end-on-sigterm", daemon=True).start()

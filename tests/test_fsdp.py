@@ -85,9 +85,10 @@ def test_killed_workers_are_restarted_and_end_bit_identical(tmp_path, jobs, fsdp
     job.wait_for(r"Epoch 8/20")
     os.kill(job.worker(local_rank=1), signal.SIGKILL)  # a crash
     first = int(job.wait_for(rf"Resuming training from {SNAPSHOT}: (\d+) epochs done")[1])
-    # A preemption once the restart has trained on: the worker leaves cleanly, through its `finally`.
+    # A preemption once the restart has trained on: the worker leaves cleanly, through its `finally`, with
+    # 143. Rank 0 gets it: torchrun names the first failure it sees, and rank 1 can only fail after rank 0.
     job.wait_for(rf"Epoch {first + 6}/20")  # the crash came before epoch 15's snapshot: 7 epochs after epoch 8 began
-    os.kill(job.worker(local_rank=1), signal.SIGTERM)
+    os.kill(job.worker(local_rank=0), signal.SIGTERM)
     assert job.wait() == 0, job.output()[-3000:]
     output = job.output()
     assert "exitcode: 143" in output and no_traceback_from("fsdp.py", output), output[-3000:]
