@@ -309,9 +309,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist (pytest.ini: -n 2 --dist loadgroup), each file's tests run on one worker, in
     order, sharing its module fixtures; every test that uses the Slurm cluster runs on the same worker,
     as there is one cluster per session. The pages' tests share nothing, and go to whichever worker is
-    free. Without xdist the mark does nothing."""
+    free. Without xdist the mark does nothing.
+
+    The longest single tests come first (pytest.ini keeps this order: --no-loadscope-reorder): each
+    page run from top to bottom, then the notebook. Started last, README.md's 4 minutes ran alone
+    while the other worker had finished."""
     for item in items:
         if item.module.__name__ == "test_readme" and "slurm" not in item.fixturenames:
             continue
         group = "slurm" if "slurm" in item.fixturenames else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
+    first = ("test_readme.py::test_page_commands_run_and_print_what_the_page_shows", "test_notebook.py::")
+    items.sort(key=lambda item: next((i for i, start in enumerate(first) if start in item.nodeid), len(first)))
