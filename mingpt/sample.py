@@ -49,17 +49,6 @@ def build_gpt(path: str, weights: dict[str, torch.Tensor], saved: dict[str, Any]
     return model.eval()
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number greater than zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
 def main(args: argparse.Namespace) -> None:
     device = cli.resolve_device(args)
     model, saved = load_gpt(args.snapshot, device)
@@ -80,17 +69,11 @@ if __name__ == "__main__":
     parser.add_argument("--max_new_tokens", type=cli.positive_int, default=200, help="how many characters to add to the prompt (default: 200)")
     parser.add_argument(
         "--temperature",
-        type=positive_float,
+        type=cli.positive_float,
         default=0.8,
         help="divides the logits before sampling: below 1 picks likely characters more often, above 1 less (default: 0.8)",
     )
     parser.add_argument("--top_k", type=cli.positive_int, help="sample only among the k most likely characters (default: all of them)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the draws: the same seed prints the same text (default: 1337)")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cuda", "mps", "cpu"],
-        help="where to run the model; auto picks CUDA when a GPU is visible, else Apple's MPS, else CPU (default: auto)",
-    )
-    parser.set_defaults(distributed=False)  # for cli.resolve_device: one process, MPS allowed
+    cli.add_one_process_device(parser, "where to run the model")
     main(parser.parse_args())

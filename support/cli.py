@@ -148,15 +148,31 @@ def non_negative_int(text: str) -> int:
     return whole_number(text, 0)
 
 
-def seconds(text: str) -> datetime.timedelta:
-    """argparse type: a positive number of seconds, as the timedelta init_process_group takes."""
+def positive_float(text: str) -> float:
+    """argparse type: a number greater than zero."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return datetime.timedelta(seconds=value)
+    return value
+
+
+def seconds(text: str) -> datetime.timedelta:
+    """argparse type: a positive number of seconds, as the timedelta init_process_group takes."""
+    return datetime.timedelta(seconds=positive_float(text))
+
+
+def add_one_process_device(parser: argparse.ArgumentParser, what: str) -> None:
+    """--device for a tool that runs one process (no process group), where MPS is allowed too."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cuda", "mps", "cpu"],
+        help=f"{what}; auto picks CUDA when a GPU is visible, else Apple's MPS, else CPU (default: auto)",
+    )
+    parser.set_defaults(distributed=False)  # for resolve_device: one process, MPS allowed
 
 
 def add_training_args(parser: argparse.ArgumentParser, launcher: str = "torchrun") -> None:

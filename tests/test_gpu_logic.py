@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,13 +144,19 @@ dist.destroy_process_group()
 """
 
 
-def test_evaluation_counts_are_made_on_the_device_not_copied_from_the_host(tmp_path):
-    script = tmp_path / "evaluations.py"
-    script.write_text(EVALUATIONS)
-    result = run(torchrun_cmd(str(script)), tmp_path, timeout=120)
+def each_rank_reports(source: str, folder: Path) -> list[dict]:
+    """`source` run as a script under torchrun on 2 processes; the JSON line each rank printed."""
+    script = folder / "ranks.py"
+    script.write_text(source)
+    result = run(torchrun_cmd(str(script)), folder, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(ranks) == 2
+    return ranks
+
+
+def test_evaluation_counts_are_made_on_the_device_not_copied_from_the_host(tmp_path):
+    ranks = each_rank_reports(EVALUATIONS, tmp_path)
     for rank in ranks:
         assert rank["from_host"] == 0, rank  # torch.tensor(len(...), device=...) made one per batch
         assert rank["samples"] == 10  # and the counts are still right
@@ -187,12 +194,7 @@ dist.destroy_process_group()
 
 
 def test_fsdp_logs_the_gradient_norm_that_ddp_logs_for_the_same_gradients(tmp_path):
-    script = tmp_path / "norms.py"
-    script.write_text(NORMS)
-    result = run(torchrun_cmd(str(script)), tmp_path, timeout=120)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(ranks) == 2
+    ranks = each_rank_reports(NORMS, tmp_path)
     for rank in ranks:
         assert rank["ddp"] > 0.1  # above the clip: the clipping acts
         assert rank["fsdp"] == pytest.approx(rank["ddp"], rel=1e-5), rank  # the global norm, not this rank's shards'

@@ -125,11 +125,5 @@ if __name__ == "__main__":
         "--data_path",
         help="minGPT: the text it was trained on (default: its data_config.path, or for a URL the download in data/ where it trained)",
     )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cuda", "mps", "cpu"],
-        help="where to evaluate; auto picks CUDA when a GPU is visible, else Apple's MPS, else CPU (default: auto)",
-    )
-    parser.set_defaults(distributed=False)  # for cli.resolve_device: one process, MPS allowed
+    cli.add_one_process_device(parser, "where to evaluate")
     main(parser.parse_args())
