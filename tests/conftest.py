@@ -265,6 +265,13 @@ def stop_with_sigusr1(cmd: list[str], folder: Path, at: str, snapshot: str, loca
     return job.output()
 
 
+def stopped_cleanly(output: str) -> bool:
+    """torchrun's line for a restarted job whose rank 0 got SIGTERM: it names the first failure it saw, either
+    rank 0 leaving through SystemExit (143) or rank 1 ending on the lost peer first (1); a worker killed
+    by the signal itself, its handler gone, shows -15."""
+    return re.search(r"failed \(exitcode: (143|1)\) local_rank: [01] ", output) is not None
+
+
 @pytest.fixture(scope="session")
 def reference_snapshot(tmp_path_factory) -> Path:
     """Final snapshot of an uninterrupted 2-rank `multigpu_torchrun.py 60 10` run."""

@@ -235,6 +235,7 @@ def test_fp16_clips_the_unscaled_gradient_norm(tmp_path, corpus):
 
 # ---------------------------------------------------------------- exact resume after real kills
 
+
 @pytest.fixture(scope="module")
 def uninterrupted(trained) -> Path:
     return trained / "gpt_snapshot.pt"
