@@ -6,14 +6,17 @@ its own process session, and is killed with that whole session when the test end
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -272,14 +275,34 @@ def stopped_cleanly(output: str) -> bool:
     return re.search(r"failed \(exitcode: (143|1)\) local_rank: [01] ", output) is not None
 
 
-@pytest.fixture(scope="session")
-def reference_snapshot(tmp_path_factory) -> Path:
-    """Final snapshot of an uninterrupted 2-rank `multigpu_torchrun.py 60 10` run."""
-    folder = tmp_path_factory.mktemp("reference")
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder that every pytest-xdist worker of this session shares, filled by `make` once: the first test
+    that asks makes it while the others wait, so a reference run costs one run per session, not one per
+    worker. Tests only read it. A `make` that failed leaves nothing, and the next test to ask tries again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, above each worker's own
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
+def uninterrupted_run(folder: Path) -> None:
     result = run(torchrun_cmd("multigpu_torchrun.py", *RESUME_ARGS), folder)
     assert result.returncode == 0, result.stderr[-4000:]
     assert [n for n, _ in epochs(result.stdout)] == list(range(1, 61))
-    return folder / "snapshot.pt"
+
+
+@pytest.fixture(scope="session")
+def reference_snapshot(tmp_path_factory) -> Path:
+    """Final snapshot of an uninterrupted 2-rank `multigpu_torchrun.py 60 10` run, made once per session."""
+    return made_once(tmp_path_factory, "reference", uninterrupted_run) / "snapshot.pt"
 
 
 @pytest.fixture(scope="session")
