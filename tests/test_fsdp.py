@@ -24,13 +24,13 @@ from conftest import (
     REPO,
     Job,
     assert_close_to_scale,
-    stopped_cleanly,
     epochs,
     free_port,
     multinode_cmd,
     no_traceback_from,
     run,
     stop_with_sigusr1,
+    stopped_cleanly,
     torchrun_cmd,
 )
 from test_bad_input import RunsCode
