@@ -334,20 +334,28 @@ def slurm(slurm_cluster):
     slurm_cluster.cancel_all()
 
 
+# What xdist hands out first (pytest.ini keeps this order: --no-loadscope-reorder): the longest units, so that
+# short ones fill the end. Measured with --durations: README.md's page (4 minutes), the notebook, then the files
+# whose tests take longest together (2 to 6 minutes each; each file is one unit). Started last, README.md's page
+# ran alone while the other worker had finished; so did test_use.py's tests.
+LONGEST_FIRST = (
+    "test_page_commands_run_and_print_what_the_page_shows[README.md]", "test_notebook", "test_fsdp", "test_bad_input",
+    "test_equivalence", "test_use", "test_steps", "test_mingpt", "slurm", "test_failures",
+)  # fmt: skip
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist (pytest.ini: -n 2 --dist loadgroup), each file's tests run on one worker, in
     order, sharing its module fixtures; every test that uses the Slurm cluster runs on the same worker,
     as there is one cluster per session. The pages' tests share nothing, and go to whichever worker is
-    free. Without xdist the mark does nothing.
-
-    The longest single tests come first (pytest.ini keeps this order: --no-loadscope-reorder): each
-    page run from top to bottom, then the notebook. Started last, README.md's 4 minutes ran alone
-    while the other worker had finished."""
+    free. Without xdist the mark does nothing. The longest units come first (LONGEST_FIRST)."""
+    units = {}
     for item in items:
         if item.module.__name__ == "test_readme" and "slurm" not in item.fixturenames:
+            units[item.nodeid] = item.nodeid
             continue
         group = "slurm" if "slurm" in item.fixturenames else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
-    first = ("test_readme.py::test_page_commands_run_and_print_what_the_page_shows", "test_notebook.py::")
-    items.sort(key=lambda item: next((i for i, start in enumerate(first) if start in item.nodeid), len(first)))
+        units[item.nodeid] = group
+    items.sort(key=lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if name in units[item.nodeid]), len(LONGEST_FIRST)))

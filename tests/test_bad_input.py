@@ -145,15 +145,17 @@ SNAPSHOT_CASES = {
 }
 
 
+# Each kind once, on either script; on two ranks where each script meets its first kind (both ranks find the
+# damage, one line reports it), on one for the others: the check, support/snapshots.py, is the same for all.
 @pytest.mark.parametrize(
-    "script, kind",
-    [(("multinode.py", "multigpu_torchrun.py")[i % 2], kind) for i, kind in enumerate(SNAPSHOT_CASES)],
+    "script, kind, nproc",
+    [(("multinode.py", "multigpu_torchrun.py")[i % 2], kind, 2 if i < 2 else 1) for i, kind in enumerate(SNAPSHOT_CASES)],
 )
-def test_unusable_snapshot_is_refused_and_left_untouched(tmp_path, script, kind):
+def test_unusable_snapshot_is_refused_and_left_untouched(tmp_path, script, kind, nproc):
     path = tmp_path / "snapshot.pt"
     path.write_bytes(planted_file(kind, tmp_path))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    result = run(torchrun_cmd(script, "3", "1"), tmp_path)
+    result = run(torchrun_cmd(script, "3", "1", nproc=nproc), tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     error_lines = [line for line in output.splitlines() if line.startswith("error: ")]

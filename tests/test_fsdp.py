@@ -28,6 +28,7 @@ from conftest import (
     free_port,
     multinode_cmd,
     no_traceback_from,
+    python_cmd,
     run,
     stop_with_sigusr1,
     stopped_cleanly,
@@ -125,15 +126,16 @@ def damage(snapshot: Path, kind: str) -> None:
         (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(str(snapshot.parent / "CODE_RAN"))))
 
 
+# The truncated shard on the 2 ranks that saved it (one line, though both read it); the planted file on 1 (it reads both shards).
 @pytest.mark.parametrize(
-    "kind, says",
-    [("truncated shard", "is not a readable snapshot of this model"), ("planted pickle", "could run code when loaded, so it was not loaded")],
+    "kind, says, nproc",
+    [("truncated shard", "is not a readable snapshot of this model", 2), ("planted pickle", "could run code when loaded, so it was not loaded", 1)],
 )
-def test_unusable_snapshot_is_refused_in_one_line_and_left_untouched(tmp_path, fsdp_reference, kind, says):
+def test_unusable_snapshot_is_refused_in_one_line_and_left_untouched(tmp_path, fsdp_reference, kind, says, nproc):
     shutil.copytree(fsdp_reference[2], tmp_path / SNAPSHOT)
     damage(tmp_path / SNAPSHOT, kind)
     digests = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (tmp_path / SNAPSHOT).rglob("*") if path.is_file()}
-    result = run(torchrun_cmd("fsdp.py", "30", "5"), tmp_path)
+    result = run(torchrun_cmd("fsdp.py", "30", "5", nproc=nproc), tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
@@ -238,13 +240,13 @@ def test_evaluation_on_unequal_shards_runs_equal_forwards_and_counts_every_sampl
 GPT_FSDP = [
     "trainer_config.strategy=fsdp", "trainer_config.snapshot_path=gpt.dcp", "data_config.truncate=0.1",
     "trainer_config.max_epochs=3", "trainer_config.save_every=1", "trainer_config.log_every=10", "optimizer_config.warmup_steps=10",
-    "gpt_config.dropout=0.0", "trainer_config.global_batch_size=32",
+    "gpt_config.dropout=0.0", "trainer_config.global_batch_size=32", "trainer_config.best_snapshot_path=gpt_best.dcp",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def gpt_fsdp_run(tmp_path_factory) -> Path:
-    """An uninterrupted 2-process capstone run with the model sharded, 3 epochs of 33 steps."""
+    """An uninterrupted 2-process capstone run with the model sharded, 3 epochs of 33 steps, keeping its best model."""
     from test_mingpt import make_corpus
 
     folder = tmp_path_factory.mktemp("gpt_fsdp")
@@ -273,7 +275,7 @@ def gpt_cmd(folder: Path, *overrides: str, nproc: int = 2) -> list[str]:
 def test_mingpt_sharded_learns_with_one_shard_file_per_rank(gpt_fsdp_run):
     output = (gpt_fsdp_run / "stdout.txt").read_text()
     first_loss = float(re.search(r"epoch 1 \| step \d+/\d+ \| loss ([0-9.]+)", output).group(1))
-    test_losses = [float(loss) for loss in re.findall(r"test loss ([0-9.]+)", output)]
+    test_losses = [float(loss) for loss in re.findall(r"Epoch \d+/\d+ \| test loss ([0-9.]+)", output)]
     # The first loss is about chance, ln(vocabulary); 99 steps bring the test loss well below it (seen: 3.06 -> 2.55).
     assert len(test_losses) == 3 and test_losses == sorted(test_losses, reverse=True) and test_losses[-1] < 0.9 * first_loss, (
         first_loss,
@@ -314,3 +316,16 @@ def test_mingpt_sharded_resumes_on_another_number_of_processes(tmp_path, gpt_fsd
     assert any(name.endswith("exp_avg_sq") for name in tensors(b))
     largest = assert_close_to_scale(tensors(a), tensors(b), rtol=1e-3, what=" from the run never stopped")
     print(f"largest difference: {largest:.1e} of its tensor's largest value")
+
+
+def test_sharded_best_made_one_file_predicts_its_loss(gpt_fsdp_run):
+    from test_use import evaluations, predict
+
+    best_step, best_loss = min(evaluations(gpt_fsdp_run), key=lambda evaluation: evaluation[1])
+    assert f"New best test loss {best_loss:.4f} at step {best_step}: saved at gpt_best.dcp" in (gpt_fsdp_run / "stdout.txt").read_text()
+    converted = run(python_cmd("tools/convert_dcp.py", "gpt_best.dcp", "best.pt"), gpt_fsdp_run)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    best = torch.load(gpt_fsdp_run / "best.pt", weights_only=True)
+    assert (best["GLOBAL_STEP"], best["BEST_LOSS"]) == (best_step, best_loss) and "VOCAB" in best and "CONFIG" in best
+    assert "OPTIMIZER_STATE" not in best
+    assert predict("best.pt", cwd=gpt_fsdp_run) == {"best.pt": f"{best_loss:.4f}"}  # the GPT rebuilt from the VOCAB and CONFIG the file carries

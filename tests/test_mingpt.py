@@ -268,17 +268,17 @@ def test_sigterm_mid_epoch_saves_at_that_step_and_resumes_bit_identical(tmp_path
 
 @pytest.mark.parametrize("problem", ["damaged snapshot", "missing data file", "server down"])
 def test_unusable_files_get_one_error_line(tmp_path, corpus, problem):
-    overrides = ["trainer_config.max_epochs=1"]
+    overrides, nproc = ["trainer_config.max_epochs=1"], 2  # 2 ranks: both read the snapshot, one waits for the other's download
     if problem == "damaged snapshot":
         (tmp_path / "gpt_snapshot.pt").write_bytes(b"not a snapshot at all")
         says = "gpt_snapshot.pt is not a readable snapshot"
     elif problem == "missing data file":
         overrides.append(f"data_config.path={tmp_path / 'nowhere.txt'}")
-        says = "nowhere.txt not found; pass data_config.path="
+        says, nproc = "nowhere.txt not found; pass data_config.path=", 1  # one rank: the cases above and below show the once
     else:
         overrides.append(f"data_config.path=http://127.0.0.1:{free_port()}/input.txt")
         says = "Connection refused); download it yourself and pass data_config.path="
-    result = run(train(corpus, *overrides), tmp_path)
+    result = run(train(corpus, *overrides, nproc=nproc), tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     errors = [line for line in output.splitlines() if line.startswith("error: ")]

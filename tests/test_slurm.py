@@ -17,24 +17,6 @@ SCRIPT = "slurm/sbatch_run.sh"
 USAGE = "submit from the repository root: sbatch slurm/sbatch_run.sh"
 
 
-def test_two_node_job_trains_on_both_nodes_and_saves_a_final_snapshot(slurm, tmp_path):
-    job_id = slurm.sbatch(SCRIPT, options=(f"--chdir={tmp_path}",))  # default arguments: 50 10
-    workers = slurm.wait_for_workers(job_id, 2).values()
-    # One process per node (each node gave the job 1 CPU), on both nodes, one rank each.
-    assert sorted(env["SLURMD_NODENAME"] for env in workers) == ["node1", "node2"]
-    assert sorted(env["RANK"] for env in workers) == ["0", "1"]
-    job = slurm.wait_for_end(job_id)
-    output = slurm.output(job_id)
-    assert job["JobState"] == "COMPLETED", output[-3000:]
-    # The rendezvous is at the first node's own address, not localhost, on a port from the job id.
-    assert f"2 nodes x 1 processes, rendezvous at 10.77.0.11:{20000 + job_id % 10000} (node1)" in output
-    assert [n for n, _ in epochs(output)] == list(range(1, 51))
-    assert output.count("Batchsize: 32 x 2 ranks") == 50
-    snapshot = tmp_path / f"snapshot-{job_id}.pt"
-    assert snapshots.read(str(snapshot), "cpu")["EPOCHS_RUN"] == 50
-    assert (tmp_path / f"slurm-ddp-multinode-{job_id}.out").exists()
-
-
 def test_two_jobs_share_the_nodes_and_scancel_leaves_no_process(slurm, tmp_path):
     # Each job takes 1 of the 2 CPUs of each node, so both run at once, with the same first node.
     # One asks for the nodes' 2 emulated GPUs: one process per GPU (training on the CPU all the same).
@@ -61,14 +43,20 @@ def test_two_jobs_share_the_nodes_and_scancel_leaves_no_process(slurm, tmp_path)
         assert snapshots.read(str(tmp_path / f"snapshot-{job_id}.pt"), "cpu")["EPOCHS_RUN"] % 10 == 0
 
 
-def test_warning_signal_requeues_the_job_and_it_resumes_from_its_snapshot(slurm, tmp_path, reference_snapshot):
+def test_two_node_job_trains_on_both_nodes_and_the_warning_signal_requeues_it_to_resume_from_its_snapshot(slurm, tmp_path, reference_snapshot):
     job_id = slurm.sbatch(SCRIPT, *RESUME_ARGS, options=(f"--chdir={tmp_path}",))  # 60 epochs, a snapshot every 10
+    workers = slurm.wait_for_workers(job_id, 2).values()
+    # One process per node (each node gave the job 1 CPU), on both nodes, one rank each.
+    assert sorted(env["SLURMD_NODENAME"] for env in workers) == ["node1", "node2"]
+    assert sorted(env["RANK"] for env in workers) == ["0", "1"]
     slurm.wait_for_output(job_id, r"Epoch 12/60")  # after the first snapshot
     # What Slurm does for `--signal=B:USR1@120` when the time limit nears: SIGUSR1 to the batch shell alone.
     slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
     job = slurm.wait_for_end(job_id, timeout=180)
     output = slurm.output(job_id)  # both runs: the output file is opened in append mode
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output[-3000:]
+    # The rendezvous is at the first node's own address, not localhost, on a port from the job id.
+    assert f"2 nodes x 1 processes, rendezvous at 10.77.0.11:{20000 + job_id % 10000} (node1)" in output
     snapshot = tmp_path / f"snapshot-{job_id}.pt"
     assert f"SIGUSR1: the job is requeued now; it resumes from {snapshot}" in output
     first_run, resumed = output.split(f"Resuming training from {snapshot}: ")
@@ -76,7 +64,9 @@ def test_warning_signal_requeues_the_job_and_it_resumes_from_its_snapshot(slurm,
     assert done % 10 == 0 and done >= 10 and f"Epoch {done} | Training snapshot saved at {snapshot}\n" in first_run
     assert epochs(first_run)[-1][0] < 60, "the first run was not stopped"
     assert [n for n, _ in epochs(resumed)] == list(range(done + 1, 61)), "an epoch after the snapshot was repeated or skipped"
+    assert output.count("Batchsize: 32 x 2 ranks") == len(epochs(output))
     assert_bit_identical(snapshot, reference_snapshot)
+    assert (tmp_path / f"slurm-ddp-multinode-{job_id}.out").exists()
 
 
 def test_job_submitted_away_from_the_repository_fails_with_one_line(slurm, tmp_path):

@@ -1,13 +1,14 @@
 """Each step runs end to end on CPU, really learns, and saves what it says it saves."""
 
 import re
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, epochs, python_cmd, run, torchrun_cmd
+from conftest import REPO, RESUME_ARGS, epochs, python_cmd, run, torchrun_cmd
 
 from support import cli
 import datautils
@@ -175,14 +176,16 @@ def test_torchrun_learns_and_snapshots_every_save_every_and_at_the_end(tmp_path)
     assert not list(tmp_path.glob("*.tmp")), "a temporary snapshot file was left behind"
 
 
-def test_a_finished_run_trains_nothing_and_a_new_global_batch_is_noted(tmp_path):
+def test_a_finished_run_trains_nothing_and_a_new_global_batch_is_noted(tmp_path, reference_snapshot):
     # Resuming neither repeats nor skips an epoch: tests/test_equivalence.py and the fault tolerance tests check that.
-    assert run(torchrun_cmd("multinode.py", "4", "2"), tmp_path).returncode == 0
-    again = run(torchrun_cmd("multinode.py", "4", "2", "--batch_size", "16"), tmp_path)
+    shutil.copy(reference_snapshot, tmp_path / "snapshot.pt")  # 60 of 60 epochs, 2 processes x 32
+    saved = (tmp_path / "snapshot.pt").read_bytes()
+    again = run(torchrun_cmd("multinode.py", *RESUME_ARGS, "--batch_size", "16"), tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "Resuming training from snapshot.pt: 4 epochs done" in again.stdout
+    assert "Resuming training from snapshot.pt: 60 epochs done" in again.stdout
     assert "Note: the global batch changed from 64 (2 processes x 32) to 32 (2 x 16); --batch_size 32 keeps it" in again.stdout
-    assert "Nothing to train: the snapshot has 4 of 4 epochs done" in again.stdout and epochs(again.stdout) == []
+    assert "Nothing to train: the snapshot has 60 of 60 epochs done" in again.stdout and epochs(again.stdout) == []
+    assert (tmp_path / "snapshot.pt").read_bytes() == saved, "a run with nothing to train rewrote the snapshot"
 
 
 def test_augmentation_is_drawn_per_image_and_epoch_on_any_rank_or_worker_and_repeats():

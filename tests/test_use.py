@@ -1,8 +1,7 @@
 """Use what you trained: predict from any step's file on one device, an FSDP snapshot made one file,
 the GPT sampled without training, the best model kept and every rank stopped together.
 
-Real runs (mp.spawn, torchrun, two agents as two nodes) on CPU with gloo; the tools run as a learner
-runs them, in new processes without a process group.
+Real runs (python, torchrun) on CPU with gloo; the tools run as a learner runs them, in new processes without a process group.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import os
 import random
 import re
 import signal
-import uuid
 import warnings
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import datautils
-from conftest import Job, free_port, multinode_cmd, python_cmd, run, snapshot_tensors, torchrun_cmd
+from conftest import Job, python_cmd, run, snapshot_tensors, torchrun_cmd
 from support import snapshots
 from test_bad_input import RunsCode
 
@@ -84,8 +82,6 @@ def evaluations(folder: Path) -> list[tuple[int, float]]:
     return [(record["global_step"], record["test_loss"]) for record in records if "test_loss" in record]
 
 
-GPT_FSDP = ["trainer_config.strategy=fsdp", "trainer_config.snapshot_path=gpt.dcp", "trainer_config.best_snapshot_path=gpt_best.dcp",
-            "trainer_config.max_epochs=1"]  # fmt: skip
 
 
 # ---------------------------------------------------------------- every training run, at once
@@ -94,22 +90,18 @@ GPT_FSDP = ["trainer_config.strategy=fsdp", "trainer_config.snapshot_path=gpt.dc
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Every training run the tests read, all started at once so that their processes overlap their waits; the folder
-    and the output of each. One epoch of steps 1, 2, 3 and 6, and of step 4 on two agents as two nodes; minGPT that
-    stops early, each rank logging the windows it trains; minGPT sharded, keeping its best model."""
+    and the output of each. One epoch of each kind of file the steps save: step 1's bare state_dict (step 2 saves its
+    model's the same way), step 3's snapshot (step 4's too, each node a copy), step 6's shards; and minGPT that stops
+    early, each rank logging the windows it trains (sharded, it keeps its best in tests/test_fsdp.py)."""
     root = tmp_path_factory.mktemp("runs")
-    port, rdzv_id = free_port(), uuid.uuid4().hex[:8]
-    for name in ("gpt", "gpt_fsdp"):
-        (root / name).mkdir()
-        shifted_corpus(root / name / "corpus.txt")
+    (root / "gpt").mkdir()
+    shifted_corpus(root / "gpt" / "corpus.txt")
     (root / "gpt" / "windows").mkdir()
     commands = {
         "single": python_cmd("single_gpu.py", "1", "1"),
-        "spawn": python_cmd("multigpu.py", "1", "1"),
         "torchrun": torchrun_cmd("multigpu_torchrun.py", "1", "1"),
         "fsdp": torchrun_cmd("fsdp.py", "1", "1"),
-        **{node: multinode_cmd(port, rdzv_id, "1", "1", max_restarts=0) for node in ("node0", "node1")},
         "gpt": gpt_cmd(root / "gpt"),
-        "gpt_fsdp": gpt_cmd(root / "gpt_fsdp", *GPT_FSDP),
     }
     jobs = {}
     try:
@@ -152,11 +144,8 @@ def wrapped(weights_path: Path, folder: Path) -> list[Path]:
 
 def test_predict_prints_the_validation_loss_each_step_printed_for_its_file(runs, tmp_path):
     files = {
-        "single/checkpoint.pt": "single",  # step 1: a bare state_dict
-        "spawn/checkpoint.pt": "spawn",  # step 2: the model inside DDP's, bare
-        "torchrun/snapshot.pt": "torchrun",  # step 3: a snapshot
-        "node0/snapshot.pt": "node0",  # step 4: each node's own copy; global rank 0, on node0, prints the epoch lines
-        "node1/snapshot.pt": "node0",
+        "single/checkpoint.pt": "single",  # step 1: a bare state_dict (step 2: the model inside DDP's, bare)
+        "torchrun/snapshot.pt": "torchrun",  # step 3: a snapshot (step 4: each node's copy of one)
     }
     root = runs["single"][0].parent
     extra = wrapped(root / "torchrun/snapshot.pt", tmp_path)
@@ -316,14 +305,3 @@ def test_killed_after_the_best_and_restarted_it_keeps_the_same_best_and_stops_at
     again = run(gpt_cmd(tmp_path), tmp_path)
     assert again.returncode == 0 and "Nothing to train: this run stopped early" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert files == {name: (tmp_path / name).read_bytes() for name in files}
-
-
-def test_sharded_best_made_one_file_predicts_its_loss(runs):
-    folder, output = runs["gpt_fsdp"]
-    best_step, best_loss = min(evaluations(folder), key=lambda evaluation: evaluation[1])
-    assert f"New best test loss {best_loss:.4f} at step {best_step}: saved at gpt_best.dcp" in output
-    converted = run(python_cmd("tools/convert_dcp.py", "gpt_best.dcp", "best.pt"), folder)
-    assert converted.returncode == 0, converted.stderr[-3000:]
-    best = torch.load(folder / "best.pt", weights_only=True)
-    assert (best["GLOBAL_STEP"], best["BEST_LOSS"]) == (best_step, best_loss) and "VOCAB" in best and "CONFIG" in best
-    assert predict("best.pt", cwd=folder) == {"best.pt": f"{best_loss:.4f}"}  # the GPT rebuilt from the VOCAB and CONFIG the file carries
