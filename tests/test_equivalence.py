@@ -60,27 +60,22 @@ def test_step4_resumed_on_another_process_count_trains_the_weights_of_one(tmp_pa
 
 @pytest.fixture(scope="module")
 def evaluations(tmp_path_factory) -> dict[int, dict]:
-    """The same weights evaluated by 1, 2 and 3 processes (3 does not divide the 1000 held-out samples);
-    the one process is this one, without a process group."""
+    """The same weights evaluated by 1 and 3 processes (3 does not divide the 1000 held-out samples; on 2,
+    which does, every 2-rank run of test_steps.py prints the losses of one process); the one process is
+    this one, without a process group."""
     _, val_set, model, _ = datautils.load_train_objs()
     whole = datautils.metrics(datautils.evaluate(model, DataLoader(val_set, 128, collate_fn=datautils.collate), "cpu"))
-    found = {1: {"exact": whole, "padded": whole}}
-    for nproc in (2, 3):
-        result = run(torchrun_cmd("tests/evaluate_shards.py", nproc=nproc), tmp_path_factory.mktemp("eval"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        found[nproc] = json.loads(result.stdout.strip().splitlines()[-1])
-    return found
+    result = run(torchrun_cmd("tests/evaluate_shards.py", nproc=3), tmp_path_factory.mktemp("eval"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {1: {"exact": whole, "padded": whole}, 3: json.loads(result.stdout.strip().splitlines()[-1])}
 
 
 def test_every_held_out_sample_counts_once_on_any_number_of_processes(evaluations):
-    one = evaluations[1]["exact"]["val loss"]
-    for nproc in (2, 3):
-        assert evaluations[nproc]["exact"]["val loss"] == pytest.approx(one, rel=1e-6)
+    assert evaluations[3]["exact"]["val loss"] == pytest.approx(evaluations[1]["exact"]["val loss"], rel=1e-6)
 
 
 def test_a_padding_sampler_would_count_some_samples_twice(evaluations):
     # DistributedSampler pads 1000 samples to 1002 for 3 ranks: two are counted twice.
-    assert evaluations[2]["padded"]["val loss"] == pytest.approx(evaluations[1]["exact"]["val loss"], rel=1e-6)
     assert evaluations[3]["padded"]["val loss"] != pytest.approx(evaluations[1]["exact"]["val loss"], rel=1e-4)
 
 

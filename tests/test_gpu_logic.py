@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -103,18 +102,22 @@ def test_auto_precision_without_native_bf16_is_fp16_with_a_grad_scaler_and_says_
     assert chosen_precision("bf16", "ddp", (7, 5)) == ("bf16", "")  # asked for by name: as asked
 
 
-# Both evaluations, the steps' (datautils.evaluate) and the capstone's (Trainer._evaluate), on a real
-# 2-rank job, recording every tensor made from Python numbers (torch.tensor: aten.lift_fresh). On a
-# GPU each such tensor is a copy from the host that waits for the GPU to finish its queue.
-EVALUATIONS = f"""
-import json, sys, types, contextlib, torch, torch.distributed as dist
+# One real 2-rank job, two checks; each rank prints one JSON line.
+# evaluations: both evaluations, the steps' (datautils.evaluate) and the capstone's (Trainer._evaluate),
+# recording every tensor made from Python numbers (torch.tensor: aten.lift_fresh). On a GPU each such
+# tensor is a copy from the host that waits for the GPU to finish its queue.
+# norms: the same weights on both ranks, as a DDP copy and an FSDP copy; each rank one batch of its own.
+# Trainer._optimizer_step clips each and returns the norm that RunReport.step logs with .item().
+RANKS = f"""
+import contextlib, copy, json, sys, types, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, {str(REPO)!r})
 import datautils
 from mingpt.char_dataset import CharDataset
 from mingpt.config import GPTConfig, TrainerConfig
 from mingpt.model import GPT
-from mingpt.trainer import Trainer
+from mingpt.trainer import Trainer, loss_scaler, shard
 
 class FromHost(TorchDispatchMode):
     def __init__(self):
@@ -124,78 +127,67 @@ class FromHost(TorchDispatchMode):
         self.made += func is torch.ops.aten.lift_fresh.default
         return func(*args, **(kwargs or {{}}))
 
+def evaluations(rank, world):
+    torch.manual_seed(0)
+    toy, val = torch.nn.Linear(datautils.IN_FEATURES, 1), datautils.MyTrainDataset(10, seed=1)
+    batches = [val[range(0, 6)], val[range(6, 10)]]
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.0, vocab_size=11, block_size=8))
+    test_set = CharDataset(torch.randint(0, 11, (100,)), 8)
+    trainer = types.SimpleNamespace(raw_model=gpt, device=torch.device("cpu"), global_rank=rank, world_size=world, test_set=test_set,
+                                    config=TrainerConfig(batch_size=16), autocast=contextlib.nullcontext())
+    with FromHost() as recorded:
+        sums = datautils.evaluate(toy, batches, "cpu")
+        test_loss = Trainer._evaluate(trainer)
+    with torch.no_grad():
+        whole = float(gpt(*test_set[torch.arange(len(test_set))])[1])
+    return {{"from_host": recorded.made, "samples": float(sums[1]), "test_loss": test_loss, "whole": whole}}
+
+def norms(rank):
+    torch.manual_seed(0)
+    ddp_model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0, vocab_size=11, block_size=16))
+    fsdp_model = copy.deepcopy(ddp_model)
+    shard(fsdp_model, "fp32", torch.device("cpu"))
+    batch = torch.randint(0, 11, (4, 16), generator=torch.Generator().manual_seed(1 + rank))
+    found = {{}}
+    for name, model, raw in (("ddp", DDP(ddp_model), ddp_model), ("fsdp", fsdp_model, fsdp_model)):
+        model(batch, batch)[1].backward()
+        optimizer = torch.optim.SGD(raw.parameters(), lr=1.0)
+        trainer = types.SimpleNamespace(raw_model=raw, optimizer=optimizer, scaler=loss_scaler("fp32", "cpu"), config=TrainerConfig(grad_norm_clip=0.1),
+                                        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+        found[name] = Trainer._optimizer_step(trainer).item()
+    found["weights_differ_by"] = max(float((a - b.full_tensor()).abs().max()) for a, b in zip(ddp_model.parameters(), fsdp_model.parameters()))
+    return found
+
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-torch.manual_seed(0)
-toy, val = torch.nn.Linear(datautils.IN_FEATURES, 1), datautils.MyTrainDataset(10, seed=1)
-batches = [val[range(0, 6)], val[range(6, 10)]]
-gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.0, vocab_size=11, block_size=8))
-test_set = CharDataset(torch.randint(0, 11, (100,)), 8)
-trainer = types.SimpleNamespace(raw_model=gpt, device=torch.device("cpu"), global_rank=rank, world_size=world, test_set=test_set,
-                                config=TrainerConfig(batch_size=16), autocast=contextlib.nullcontext())
-with FromHost() as recorded:
-    sums = datautils.evaluate(toy, batches, "cpu")
-    test_loss = Trainer._evaluate(trainer)
-with torch.no_grad():
-    whole = float(gpt(*test_set[torch.arange(len(test_set))])[1])
-found = {{"rank": rank, "from_host": recorded.made, "samples": float(sums[1]), "test_loss": test_loss, "whole": whole}}
+found = {{"rank": rank, "evaluations": evaluations(rank, world), "norms": norms(rank)}}
 sys.stdout.write(json.dumps(found) + "\\n")  # one write: the two ranks' lines do not interleave
 dist.destroy_process_group()
 """
 
 
-def each_rank_reports(source: str, folder: Path) -> list[dict]:
-    """`source` run as a script under torchrun on 2 processes; the JSON line each rank printed."""
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """RANKS run as a script under torchrun on 2 processes; the JSON line each rank printed."""
+    folder = tmp_path_factory.mktemp("ranks")
     script = folder / "ranks.py"
-    script.write_text(source)
+    script.write_text(RANKS)
     result = run(torchrun_cmd(str(script)), folder, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(ranks) == 2
-    return ranks
+    found = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(found) == 2
+    return found
 
 
-def test_evaluation_counts_are_made_on_the_device_not_copied_from_the_host(tmp_path):
-    ranks = each_rank_reports(EVALUATIONS, tmp_path)
-    for rank in ranks:
+def test_evaluation_counts_are_made_on_the_device_not_copied_from_the_host(ranks):
+    for rank in (found["evaluations"] for found in ranks):
         assert rank["from_host"] == 0, rank  # torch.tensor(len(...), device=...) made one per batch
         assert rank["samples"] == 10  # and the counts are still right
         assert rank["test_loss"] == pytest.approx(rank["whole"], rel=1e-5)
 
 
-# The same weights on both ranks, as a DDP copy and an FSDP copy; each rank one batch of its own.
-# Trainer._optimizer_step clips each and returns the norm that RunReport.step logs with .item().
-NORMS = f"""
-import copy, json, sys, types, torch, torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-sys.path.insert(0, {str(REPO)!r})
-from mingpt.config import GPTConfig, TrainerConfig
-from mingpt.model import GPT
-from mingpt.trainer import Trainer, loss_scaler, shard
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.manual_seed(0)
-ddp_model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0, vocab_size=11, block_size=16))
-fsdp_model = copy.deepcopy(ddp_model)
-shard(fsdp_model, "fp32", torch.device("cpu"))
-batch = torch.randint(0, 11, (4, 16), generator=torch.Generator().manual_seed(1 + rank))
-norms = {{}}
-for name, model, raw in (("ddp", DDP(ddp_model), ddp_model), ("fsdp", fsdp_model, fsdp_model)):
-    model(batch, batch)[1].backward()
-    optimizer = torch.optim.SGD(raw.parameters(), lr=1.0)
-    trainer = types.SimpleNamespace(raw_model=raw, optimizer=optimizer, scaler=loss_scaler("fp32", "cpu"), config=TrainerConfig(grad_norm_clip=0.1),
-                                    scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-    norms[name] = Trainer._optimizer_step(trainer).item()
-moved = max(float((a - b.full_tensor()).abs().max()) for a, b in zip(ddp_model.parameters(), fsdp_model.parameters()))
-sys.stdout.write(json.dumps({{"rank": rank, **norms, "weights_differ_by": moved}}) + "\\n")  # one write: no interleaving
-dist.destroy_process_group()
-"""
-
-
-def test_fsdp_logs_the_gradient_norm_that_ddp_logs_for_the_same_gradients(tmp_path):
-    ranks = each_rank_reports(NORMS, tmp_path)
-    for rank in ranks:
+def test_fsdp_logs_the_gradient_norm_that_ddp_logs_for_the_same_gradients(ranks):
+    for rank in (found["norms"] for found in ranks):
         assert rank["ddp"] > 0.1  # above the clip: the clipping acts
         assert rank["fsdp"] == pytest.approx(rank["ddp"], rel=1e-5), rank  # the global norm, not this rank's shards'
         assert rank["weights_differ_by"] < 1e-6  # and both clipped alike
