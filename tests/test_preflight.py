@@ -1,12 +1,15 @@
 """preflight.py, the check before a long job: real torchrun on this machine, and on the two hosts of the test Slurm cluster."""
 
+import datetime
+import importlib.util
 import re
 import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from conftest import no_traceback_from, python_cmd, run, torchrun_cmd
+from conftest import REPO, no_traceback_from, python_cmd, run, torchrun_cmd
 
 HOST = socket.gethostname()
 SIZES = ["4 B", "64 KiB", "1 MiB", "16 MiB"]
@@ -56,6 +59,20 @@ def test_started_wrong_it_says_so_in_one_line(tmp_path, args, says):
     result = run(python_cmd("tools/preflight.py", *args), tmp_path)
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_rank_back_after_rank_0_left_finds_no_verdict_and_no_backtrace():
+    """A rank held up past rank 0's verdict and exit (stopped, as in test_gpu_logic.py's hang; or swapped
+    out) comes back to a store that left with rank 0, which may host it. Seen under load: a backtrace."""
+    spec = importlib.util.spec_from_file_location("preflight", REPO / "tools" / "preflight.py")
+    preflight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preflight)
+    rank0 = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # a real store, on a free port
+    rank1 = dist.TCPStore("127.0.0.1", rank0.port, is_master=False)
+    rank0.set("plan", "connect")
+    assert preflight.posted(rank1, ["plan"], datetime.timedelta(seconds=5)) == ["connect"]
+    del rank0  # rank 0 leaves, and its store with it
+    assert preflight.posted(rank1, ["verdict"], datetime.timedelta(seconds=5)) == [None]
 
 
 def test_on_two_slurm_hosts_each_node_has_its_own_address_and_loopback_is_a_problem(slurm, tmp_path):

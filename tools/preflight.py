@@ -93,11 +93,15 @@ def describe_rank() -> dict:
 
 
 def posted(store: dist.Store, keys: list[str], timeout: datetime.timedelta) -> list[str | None]:
-    """The values posted under `keys` in the job's store; None for those not posted in time."""
+    """The values posted under `keys` in the job's store; None for those not posted in time, and for all
+    of them once the store is gone: rank 0, which may host it, left after its verdict (a rank held up
+    past rank 0's wait for it, as a stopped one is, comes back to a closed store)."""
     try:
         store.wait(keys, timeout)
     except dist.DistStoreError:
         pass  # timed out
+    except dist.DistNetworkError:
+        return [None] * len(keys)
     return [store.get(key).decode() if store.check([key]) else None for key in keys]
 
 
@@ -266,7 +270,8 @@ def main(args: argparse.Namespace) -> int:
         posted(store, [f"left/{r}" for r in range(1, world_size)], args.timeout)
         return status
     verdict = posted(store, ["verdict"], 3 * args.timeout)[0]  # rank 0 may wait out --timeout twice
-    store.set(f"left/{rank}", "")
+    if verdict is not None:  # rank 0 is waiting for this, in the store it may host
+        store.set(f"left/{rank}", "")
     return int(verdict or 1)
 
 
