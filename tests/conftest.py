@@ -344,18 +344,21 @@ LONGEST_FIRST = (
 )  # fmt: skip
 
 
+def unit(item: pytest.Item) -> str | None:
+    """The xdist group an item runs in: its file, or "slurm" for the tests that share the cluster; None for a
+    page's test, which shares nothing and goes to whichever worker is free."""
+    if "slurm" in item.fixturenames:
+        return "slurm"
+    return None if item.module.__name__ == "test_readme" else item.module.__name__
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist (pytest.ini: -n 2 --dist loadgroup), each file's tests run on one worker, in
     order, sharing its module fixtures; every test that uses the Slurm cluster runs on the same worker,
-    as there is one cluster per session. The pages' tests share nothing, and go to whichever worker is
-    free. Without xdist the mark does nothing. The longest units come first (LONGEST_FIRST)."""
-    units = {}
+    as there is one cluster per session. Without xdist the mark does nothing. The longest units come
+    first (LONGEST_FIRST)."""
     for item in items:
-        if item.module.__name__ == "test_readme" and "slurm" not in item.fixturenames:
-            units[item.nodeid] = item.nodeid
-            continue
-        group = "slurm" if "slurm" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-        units[item.nodeid] = group
-    items.sort(key=lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if name in units[item.nodeid]), len(LONGEST_FIRST)))
+        if unit(item):
+            item.add_marker(pytest.mark.xdist_group(unit(item)))
+    items.sort(key=lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if name in (unit(item) or item.nodeid)), len(LONGEST_FIRST)))
