@@ -3,7 +3,8 @@
 Each fenced block of a page follows a marker, `<!-- test: KIND -->`:
 
 - setup: the first lines of README.md. The install and test commands must be the ones `.ci/run`
-  runs; the rest runs like `cpu`.
+  runs; the rest runs like `cpu`, except a command that a `cpu` block further down runs as shown (the
+  main job, step 1's command): it runs there, once.
 - cpu: run with bash, in order, in one fresh copy of the repository per page, as a learner following
   the page would; it must exit 0. `<!-- test: cpu; run with "A" => "B" -->` runs it with A replaced
   by B, to keep long runs short.
@@ -156,11 +157,12 @@ def needs_tiny_shakespeare(text: str) -> bool:
     return ("mingpt/main.py" in text and "data_config.path=" not in text) or "gpt_metrics.jsonl" in text or "gpt_snapshot.pt" in text
 
 
-def run_block(block: Block, cwd: Path, where: str) -> str:
-    """Run a setup or cpu block as the page shows it (with its substitution); return what it printed."""
+def run_block(block: Block, cwd: Path, where: str, run_later: set[str] = frozenset()) -> str:
+    """Run a setup or cpu block as the page shows it (with its substitution); return what it printed.
+    A setup line that a cpu block further down runs again (the main job: step 1) runs there only."""
     script = block.text
     if block.kind == "setup":
-        script = "\n".join(line for line in script.splitlines() if not line.startswith(SET_UP_ONLY))
+        script = "\n".join(line for line in commands(script) if not line.startswith(SET_UP_ONLY) and line not in run_later)
     if block.substitution:
         old, new = block.substitution
         assert old in script, f"{where}: {old!r} is not in the block"
@@ -168,6 +170,12 @@ def run_block(block: Block, cwd: Path, where: str) -> str:
     result = bash(script, cwd)
     assert result.returncode == 0, f"{where} exited {result.returncode}:\n{result.stdout[-4000:]}"
     return result.stdout
+
+
+def commands_run_after(blocks: list[Block], index: int) -> set[str]:
+    """The commands that the cpu blocks after blocks[index] will run as shown."""
+    runs = [b for b in blocks[index + 1 :] if b.kind == "cpu" and not b.substitution and (SHARED_TEXT.exists() or not needs_tiny_shakespeare(b.text))]
+    return {line for block in runs for line in commands(block.text)}
 
 
 def run_session(text: str, cwd: Path, where: str) -> None:
@@ -186,14 +194,15 @@ def test_page_commands_run_and_print_what_the_page_shows(page, tmp_path):
     checkout = fresh_checkout(tmp_path / "repo")
     printed: str | None = ""  # what the latest cpu block printed; None: it was skipped; "": no cpu block yet
     ran, skipped = 0, []
-    for block in read_blocks(page):
+    blocks = read_blocks(page)
+    for index, block in enumerate(blocks):
         where = f"{page.name} line {block.line}"
         if block.kind in ("setup", "cpu"):
             if needs_tiny_shakespeare(block.text) and not SHARED_TEXT.exists():
                 printed = None
                 skipped.append(block.line)
                 continue
-            printed = run_block(block, checkout, where)
+            printed = run_block(block, checkout, where, run_later=commands_run_after(blocks, index))
             ran += 1
         elif block.kind == "output":
             assert printed != "", f"{where}: an output block needs a cpu block before it"
